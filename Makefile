@@ -1,0 +1,43 @@
+# llmctl — the README's commands. `make demo` and `make test` set themselves up.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PRESET  ?= tiny
+OUT     ?= out
+
+.PHONY: setup demo test test-fast lint format bench clean-out
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: the CPU wheel lies on this machine's disk, so pip finds torch>=2.6
+# already satisfied instead of downloading a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(MAKE) -f recipes/build.mk PRESET=$(PRESET) OUT=$(OUT) LLMCTL=$(BIN)/llmctl all
+
+test: setup
+	$(BIN)/pytest -n 2 --dist loadgroup -q
+
+test-fast: setup
+	$(BIN)/pytest -n 2 -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: setup
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+bench: setup
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean-out:
+	rm -rf $(OUT)

@@ -1,0 +1,399 @@
+"""Documents in and out: every input format a data stage reads, and the `docs` shard format.
+
+Reading is split in two so it parallelizes deterministically: `iter_raw` (main process)
+streams raw records with their file:line, `parse_raw` (any worker) turns one into a `Doc` or
+a `BadRecord`. Inputs: `.txt` (one doc per file, or per paragraph), `.jsonl` / `.jsonl.gz` /
+`.jsonl.zst`, `.parquet`, `.html`, `.warc` / `.warc.gz`, folders of these, and `docs`
+artifacts. Output shards are `shard-NNNNN.jsonl.gz` written with a fixed gzip header so that
+the same documents give the same bytes.
+
+Example:
+    opts = ReadOptions(text_field="content")
+    for raw in iter_raw(resolve_inputs([Path("data/")]), opts):
+        doc = parse_raw(raw, opts) if isinstance(raw, Raw) else raw
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from llmctl.artifacts import is_artifact, open_artifact
+from llmctl.config import helpful
+from llmctl.errors import UsageError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
+WARC_SUFFIXES = (".warc", ".warc.gz")
+SUFFIXES = (*JSONL_SUFFIXES, *WARC_SUFFIXES, ".txt", ".parquet", ".html", ".htm")
+SHARD_GLOB = "shard-*.jsonl.gz"
+EXCERPT_CHARS = 200
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How raw inputs are read; data-stage configs inherit these keys."""
+
+    text_field: str = helpful("text", "JSON/parquet field that holds the document text")
+    txt_split: Literal["file", "paragraph"] = helpful(
+        "file", ".txt inputs: one document per file, or one per blank-line-separated paragraph"
+    )
+    max_line_bytes: int = helpful(
+        16 * 1024 * 1024, "longer JSONL lines are skipped as malformed (bounds memory)"
+    )
+    strict: bool = helpful(False, "fail at the first malformed record instead of skipping it")
+
+
+@dataclass(slots=True)
+class Doc:
+    """One document: a stable id, its text, where it came from, and any metadata."""
+
+    id: str
+    text: str
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"id": self.id, "text": self.text, "source": self.source, **self.meta}
+
+
+@dataclass(slots=True)
+class BadRecord:
+    """A malformed input record, kept with its location so nothing is silently lost."""
+
+    file: str
+    line: int
+    reason: str
+    excerpt: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    def to_record(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "reason": self.reason, "excerpt": self.excerpt}
+
+
+@dataclass(slots=True)
+class Raw:
+    """An unparsed record: `kind` says how `parse_raw` turns `payload` into a Doc."""
+
+    file: str
+    line: int
+    kind: Literal["json", "text", "html", "record"]
+    payload: Any
+    url: str | None = None
+
+
+def _has_suffix(path: Path, suffixes: Iterable[str]) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in suffixes)
+
+
+def resolve_inputs(paths: Iterable[Path | str]) -> list[Path]:
+    """Expand folders (sorted, hidden entries skipped) and check every input exists.
+
+    A `docs` artifact directory stays one input. Raises UsageError for a missing path, an
+    unsupported file given explicitly, an unreadable folder, or an empty input set.
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UsageError(f"{p}: no such file or directory")
+        if p.is_dir():
+            if is_artifact(p):
+                out.append(p)
+                continue
+            try:
+                found = sorted(
+                    f
+                    for f in p.rglob("*")
+                    if f.is_file()
+                    and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                    and _has_suffix(f, SUFFIXES)
+                )
+            except PermissionError as e:
+                raise UsageError(f"{p}: folder is not readable ({e.strerror})") from e
+            out.extend(found)
+        elif _has_suffix(p, SUFFIXES):
+            out.append(p)
+        else:
+            raise UsageError(f"{p}: unsupported input type (expected one of {', '.join(SUFFIXES)})")
+    if not out:
+        raise UsageError("no input documents: the given paths hold no supported files")
+    return out
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if name.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+    return open(path, "rb")
+
+
+_TRUNCATED = (EOFError, gzip.BadGzipFile, zlib.error, OSError)
+
+
+def _iter_lines(path: Path, opts: ReadOptions) -> Iterator[Raw | BadRecord]:
+    """JSONL lines as raw bytes; over-long lines and truncated compression become BadRecords."""
+    name = str(path)
+    n = 0
+    try:
+        with _open_binary(path) as f:
+            while True:
+                line = f.readline(opts.max_line_bytes + 1)
+                if not line:
+                    break
+                n += 1
+                if len(line) > opts.max_line_bytes and not line.endswith(b"\n"):
+                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass  # skip the remainder without holding it in memory
+                    yield BadRecord(name, n, "line_too_long", line[:EXCERPT_CHARS].decode("utf-8", "replace"))
+                    continue
+                if line.strip():
+                    yield Raw(name, n, "json", line)
+    except _TRUNCATED as e:
+        yield BadRecord(name, n + 1, "truncated_file", f"{type(e).__name__}: {e}"[:EXCERPT_CHARS])
+        return
+    if n == 0:
+        yield BadRecord(name, 0, "empty_file")
+
+
+def _iter_txt(path: Path, opts: ReadOptions) -> Iterator[Raw | BadRecord]:
+    data = path.read_bytes()
+    if not data.strip():
+        yield BadRecord(str(path), 0, "empty_file")
+        return
+    if opts.txt_split == "file":
+        yield Raw(str(path), 1, "text", data)
+        return
+    # Paragraphs: split on blank lines, numbered by the line each starts on.
+    line = 1
+    for block in re.split(rb"(\n[ \t\r]*\n)", data):
+        if block.strip() and not re.fullmatch(rb"\n[ \t\r]*\n", block):
+            yield Raw(str(path), line + (len(block) - len(block.lstrip(b"\n"))), "text", block)
+        line += block.count(b"\n")
+
+
+def _iter_parquet(path: Path, opts: ReadOptions) -> Iterator[Raw | BadRecord]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        yield BadRecord(str(path), 0, "unreadable_parquet", str(e)[:EXCERPT_CHARS])
+        return
+    n = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            yield Raw(str(path), n, "record", row)
+    if n == 0:
+        yield BadRecord(str(path), 0, "empty_file")
+
+
+def _iter_warc(path: Path) -> Iterator[Raw | BadRecord]:
+    from llmctl.data.web import iter_warc
+
+    n = 0
+    try:
+        for n, url, html in iter_warc(path):
+            yield Raw(str(path), n, "html", html, url=url)
+    except Exception as e:  # warcio raises generic errors on damaged archives
+        yield BadRecord(str(path), n + 1, "truncated_file", f"{type(e).__name__}: {e}"[:200])
+
+
+def _iter_artifact(path: Path) -> Iterator[Raw | BadRecord]:
+    m = open_artifact(path, "docs")
+    for shard in sorted(m.path.glob(SHARD_GLOB)):
+        for n, line in enumerate(gzip.open(shard, "rb"), start=1):
+            yield Raw(str(shard), n, "json", line)
+
+
+def iter_raw(files: list[Path], opts: ReadOptions) -> Iterator[Raw | BadRecord]:
+    """Stream raw records from resolved inputs, in input order. Memory stays bounded."""
+    for path in files:
+        if path.is_dir():
+            yield from _iter_artifact(path)
+        elif _has_suffix(path, JSONL_SUFFIXES):
+            yield from _iter_lines(path, opts)
+        elif _has_suffix(path, WARC_SUFFIXES):
+            yield from _iter_warc(path)
+        elif _has_suffix(path, (".parquet",)):
+            yield from _iter_parquet(path, opts)
+        elif _has_suffix(path, (".html", ".htm")):
+            data = path.read_bytes()
+            yield Raw(str(path), 1, "html", data) if data.strip() else BadRecord(
+                str(path), 0, "empty_file"
+            )
+        else:
+            yield from _iter_txt(path, opts)
+
+
+def _valid_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# Fields that are ours and must not be copied from an input record into `meta`.
+_OWN = {"id", "text", "source"}
+
+
+def parse_raw(raw: Raw, opts: ReadOptions) -> Doc | BadRecord:
+    """Turn one raw record into a Doc, or a BadRecord naming what is wrong with it."""
+    where_id = f"{raw.file}:{raw.line}"
+    if raw.kind == "text":
+        try:
+            text = raw.payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return BadRecord(raw.file, raw.line, "invalid_utf8", str(e)[:EXCERPT_CHARS])
+        return Doc(where_id, text.lstrip("\ufeff"), raw.file)
+    if raw.kind == "html":
+        from llmctl.data.web import html_to_text
+
+        text = html_to_text(raw.payload, raw.url)
+        if not text:
+            return BadRecord(raw.file, raw.line, "no_main_text", raw.url or "")
+        return Doc(raw.url or where_id, text, raw.file, {"url": raw.url} if raw.url else {})
+    if raw.kind == "json":
+        try:
+            rec = json.loads(raw.payload.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return BadRecord(raw.file, raw.line, "invalid_utf8", str(e)[:EXCERPT_CHARS])
+        except json.JSONDecodeError as e:
+            excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
+            return BadRecord(raw.file, raw.line, "bad_json", f"{e.msg}: {excerpt}")
+    else:
+        rec = raw.payload
+    if not isinstance(rec, dict):
+        return BadRecord(raw.file, raw.line, "not_an_object", repr(rec)[:EXCERPT_CHARS])
+    if opts.text_field not in rec:
+        return BadRecord(raw.file, raw.line, "missing_text", f"no field '{opts.text_field}'")
+    text = rec[opts.text_field]
+    if not isinstance(text, str):
+        return BadRecord(raw.file, raw.line, "text_not_string", f"{type(text).__name__}")
+    if not _valid_text(text):
+        return BadRecord(raw.file, raw.line, "lone_surrogate", text[:EXCERPT_CHARS].encode("utf-8", "replace").decode())
+    doc_id = rec.get("id")
+    if not isinstance(doc_id, str | int) or isinstance(doc_id, bool) or doc_id == "":
+        doc_id = where_id
+    source = rec.get("source") if isinstance(rec.get("source"), str) else raw.file
+    meta = {k: v for k, v in rec.items() if k not in _OWN and k != opts.text_field}
+    return Doc(str(doc_id), text, source, meta)
+
+
+class ShardWriter:
+    """JSONL records into `PREFIX-NNNNN.jsonl.gz` files of at most `shard_bytes` (uncompressed).
+
+    The gzip header carries no file name or time, so equal records give equal bytes.
+    At least one shard is always written, so readers find a fixed file set.
+    """
+
+    def __init__(self, dir: Path, prefix: str = "shard", shard_bytes: int = 128 << 20) -> None:
+        self.dir, self.prefix, self.shard_bytes = Path(dir), prefix, shard_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.names: list[str] = []
+        self.count = 0
+        self._f: gzip.GzipFile | None = None
+        self._size = 0
+        self._open()
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.names):05d}.jsonl.gz"
+        self.names.append(name)
+        raw = open(self.dir / name, "wb")
+        self._f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=5)
+        self._raw = raw
+        self._size = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        if self._size and self._size + len(line) > self.shard_bytes:
+            self._close_current()
+            self._open()
+        assert self._f is not None
+        self._f.write(line)
+        self._size += len(line)
+        self.count += 1
+
+    def _close_current(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._raw.close()
+            self._f = None
+
+    def close(self) -> list[str]:
+        self._close_current()
+        return self.names
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ErrorLog:
+    """`rejected/errors.jsonl`: every malformed record with file, line and reason."""
+
+    def __init__(self, path: Path, strict: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "w", encoding="utf-8")
+        self.strict = strict
+        self.counts: dict[str, int] = {}
+
+    def add(self, bad: BadRecord) -> None:
+        if self.strict:
+            raise UsageError(f"{bad.where}: {bad.reason}{': ' + bad.excerpt if bad.excerpt else ''}")
+        self.counts[bad.reason] = self.counts.get(bad.reason, 0) + 1
+        self._f.write(json.dumps(bad.to_record(), ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> ErrorLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def iter_docs(paths: Iterable[Path | str], opts: ReadOptions) -> Iterator[Doc | BadRecord]:
+    """Serial convenience: resolved inputs to Docs and BadRecords, in order."""
+    for raw in iter_raw(resolve_inputs(paths), opts):
+        yield parse_raw(raw, opts) if isinstance(raw, Raw) else raw
+
+
+def read_docs_artifact(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a `docs` artifact, in shard order (for later stages and tests)."""
+    m = open_artifact(path, "docs")
+    for shard in sorted(m.path.glob(SHARD_GLOB)):
+        with gzip.open(shard, "rt", encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of at most `size` items."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
