@@ -109,7 +109,9 @@ def progress(desc: str, total: float | None = None, unit: str = "it") -> Iterato
         yield _Bar(prog, prog.add_task(desc, total=total, info=""))
 
 
-def summary(title: str, rows: Sequence[tuple[str, Any]], columns: tuple[str, str] = ("", "")) -> None:
+def summary(
+    title: str, rows: Sequence[tuple[str, Any]], columns: tuple[str, str] = ("", "")
+) -> None:
     """The table every stage prints when it ends: what went in, what came out, why, how fast."""
     if _quiet:
         return

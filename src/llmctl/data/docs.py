@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import re
 import zlib
 from collections.abc import Iterable, Iterator
@@ -77,7 +78,12 @@ class BadRecord:
         return f"{self.file}:{self.line}"
 
     def to_record(self) -> dict[str, Any]:
-        return {"file": self.file, "line": self.line, "reason": self.reason, "excerpt": self.excerpt}
+        return {
+            "file": self.file,
+            "line": self.line,
+            "reason": self.reason,
+            "excerpt": self.excerpt,
+        }
 
 
 @dataclass(slots=True)
@@ -96,6 +102,20 @@ def _has_suffix(path: Path, suffixes: Iterable[str]) -> bool:
     return any(name.endswith(s) for s in suffixes)
 
 
+def _walk_inputs(root: Path) -> list[Path]:
+    """Supported files under `root`, sorted, hidden entries skipped. os.walk, unlike
+    Path.rglob (which silently skips folders it cannot list), lets us fail on them."""
+
+    def unreadable(e: OSError) -> None:
+        raise UsageError(f"{e.filename or root}: folder is not readable ({e.strerror})")
+
+    found = []
+    for folder, dirs, names in os.walk(root, onerror=unreadable):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(folder, n) for n in names if not n.startswith(".")]
+    return sorted(f for f in found if f.is_file() and _has_suffix(f, SUFFIXES))
+
+
 def resolve_inputs(paths: Iterable[Path | str]) -> list[Path]:
     """Expand folders (sorted, hidden entries skipped) and check every input exists.
 
@@ -110,17 +130,7 @@ def resolve_inputs(paths: Iterable[Path | str]) -> list[Path]:
             if is_artifact(p):
                 out.append(p)
                 continue
-            try:
-                found = sorted(
-                    f
-                    for f in p.rglob("*")
-                    if f.is_file()
-                    and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                    and _has_suffix(f, SUFFIXES)
-                )
-            except PermissionError as e:
-                raise UsageError(f"{p}: folder is not readable ({e.strerror})") from e
-            out.extend(found)
+            out.extend(_walk_inputs(p))
         elif _has_suffix(p, SUFFIXES):
             out.append(p)
         else:
@@ -158,7 +168,9 @@ def _iter_lines(path: Path, opts: ReadOptions) -> Iterator[Raw | BadRecord]:
                 if len(line) > opts.max_line_bytes and not line.endswith(b"\n"):
                     while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
                         pass  # skip the remainder without holding it in memory
-                    yield BadRecord(name, n, "line_too_long", line[:EXCERPT_CHARS].decode("utf-8", "replace"))
+                    yield BadRecord(
+                        name, n, "line_too_long", line[:EXCERPT_CHARS].decode("utf-8", "replace")
+                    )
                     continue
                 if line.strip():
                     yield Raw(name, n, "json", line)
@@ -179,8 +191,8 @@ def _iter_txt(path: Path, opts: ReadOptions) -> Iterator[Raw | BadRecord]:
         return
     # Paragraphs: split on blank lines, numbered by the line each starts on.
     line = 1
-    for block in re.split(rb"(\n[ \t\r]*\n)", data):
-        if block.strip() and not re.fullmatch(rb"\n[ \t\r]*\n", block):
+    for block in re.split(rb"(\n(?:[ \t\r]*\n)+)", data):  # one or more blank lines
+        if block.strip():
             yield Raw(str(path), line + (len(block) - len(block.lstrip(b"\n"))), "text", block)
         line += block.count(b"\n")
 
@@ -216,8 +228,9 @@ def _iter_warc(path: Path) -> Iterator[Raw | BadRecord]:
 def _iter_artifact(path: Path) -> Iterator[Raw | BadRecord]:
     m = open_artifact(path, "docs")
     for shard in sorted(m.path.glob(SHARD_GLOB)):
-        for n, line in enumerate(gzip.open(shard, "rb"), start=1):
-            yield Raw(str(shard), n, "json", line)
+        with gzip.open(shard, "rb") as f:
+            for n, line in enumerate(f, start=1):
+                yield Raw(str(shard), n, "json", line)
 
 
 def iter_raw(files: list[Path], opts: ReadOptions) -> Iterator[Raw | BadRecord]:
@@ -233,8 +246,10 @@ def iter_raw(files: list[Path], opts: ReadOptions) -> Iterator[Raw | BadRecord]:
             yield from _iter_parquet(path, opts)
         elif _has_suffix(path, (".html", ".htm")):
             data = path.read_bytes()
-            yield Raw(str(path), 1, "html", data) if data.strip() else BadRecord(
-                str(path), 0, "empty_file"
+            yield (
+                Raw(str(path), 1, "html", data)
+                if data.strip()
+                else BadRecord(str(path), 0, "empty_file")
             )
         else:
             yield from _iter_txt(path, opts)
@@ -286,7 +301,12 @@ def parse_raw(raw: Raw, opts: ReadOptions) -> Doc | BadRecord:
     if not isinstance(text, str):
         return BadRecord(raw.file, raw.line, "text_not_string", f"{type(text).__name__}")
     if not _valid_text(text):
-        return BadRecord(raw.file, raw.line, "lone_surrogate", text[:EXCERPT_CHARS].encode("utf-8", "replace").decode())
+        return BadRecord(
+            raw.file,
+            raw.line,
+            "lone_surrogate",
+            text[:EXCERPT_CHARS].encode("utf-8", "replace").decode(),
+        )
     doc_id = rec.get("id")
     if not isinstance(doc_id, str | int) or isinstance(doc_id, bool) or doc_id == "":
         doc_id = where_id
@@ -314,7 +334,7 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.names):05d}.jsonl.gz"
         self.names.append(name)
-        raw = open(self.dir / name, "wb")
+        raw = open(self.dir / name, "wb")  # noqa: SIM115 (closed in _close_current)
         self._f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=5)
         self._raw = raw
         self._size = 0
@@ -351,13 +371,15 @@ class ErrorLog:
 
     def __init__(self, path: Path, strict: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "w", encoding="utf-8")
+        self._f = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
         self.strict = strict
         self.counts: dict[str, int] = {}
 
     def add(self, bad: BadRecord) -> None:
         if self.strict:
-            raise UsageError(f"{bad.where}: {bad.reason}{': ' + bad.excerpt if bad.excerpt else ''}")
+            raise UsageError(
+                f"{bad.where}: {bad.reason}{': ' + bad.excerpt if bad.excerpt else ''}"
+            )
         self.counts[bad.reason] = self.counts.get(bad.reason, 0) + 1
         self._f.write(json.dumps(bad.to_record(), ensure_ascii=False) + "\n")
 
@@ -396,4 +418,3 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
-

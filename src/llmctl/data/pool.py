@@ -6,7 +6,8 @@ flight, so a fast reader cannot fill memory ahead of slow workers (multiprocessi
 `imap` would read its whole input eagerly).
 
 Example:
-    for out in ordered_map(process_batch, batched(records, 256), workers=2, init=setup, initargs=(cfg,)):
+    batches = batched(records, 256)
+    for out in ordered_map(process_batch, batches, workers=2, init=setup, initargs=(cfg,)):
         write(out)
 """
 
