@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ def save_checkpoint(
         else:
             shutil.copyfile(src, out / name)
     save_file(state, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    # safetensors creates the file private (0600); a published model is as readable as its
+    # config.json next to it.
+    os.chmod(out / WEIGHTS_FILE, 0o644)
     config = {
         **model.config.to_dict(),
         "model_type": MODEL_TYPE,

@@ -1,0 +1,150 @@
+"""Training-step throughput: llmctl's loop against Hugging Face transformers' GPT-2, same run.
+
+CPU (default): the same GPT-2-shaped model (learned positions, LayerNorm, GELU, biases, tied
+embeddings) trained for the same steps on the same batches, fp32, AdamW (same hyper-parameters,
+clipping at 1.0) — ours through `llmctl.train.loop.train` (the real loop: finite checks,
+metrics, everything), theirs through a plain PyTorch loop over `GPT2LMHeadModel` initialized
+with the same weights (`model/hf.py: to_hf_gpt2`). Tokens/s excludes the first (warm-up) step;
+each side runs `--rounds` times alternately and keeps its best.
+
+`--gpu`: our loop alone on CUDA (bf16 autocast, fused AdamW, SDPA flash attention,
+torch.compile) for the `small` preset and the GPT-2 124M shape, on random tokens: tokens/s and
+MFU against the device's dense bf16 peak.
+
+    .venv/bin/python bench/pretrain.py [--quick] [--markdown]
+    python3 bench/pretrain.py --gpu [--steps 200]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# On the GPU machine the package is not installed: import it from the checkout.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "src"))
+
+import argparse
+import json
+import math
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from llmctl.model.gpt import GPT, GPTConfig, preset
+from llmctl.runtime import set_quiet
+from llmctl.train.batches import StepBatches
+from llmctl.train.loop import TrainConfig, Writer, peak_flops, train
+from llmctl.train.objectives import NextToken
+
+LR, BETAS, WD, CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
+
+
+def source(vocab: int, batch: int, seq: int):
+    """Random tokens; micro-batch i is the same on both sides."""
+
+    def get(i: int) -> np.ndarray:
+        return np.random.default_rng([1, i]).integers(0, vocab, (batch, seq + 1))
+
+    return get
+
+
+def ours(cfg: GPTConfig, batch: int, seq: int, steps: int, device: str, compile: bool) -> dict:
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    tcfg = TrainConfig(
+        steps=steps, lr=LR, warmup=0, weight_decay=WD, betas=BETAS, clip=CLIP, log_every=1,
+        save_every=0, compile=compile, flops_per_token=model.flops_per_token(seq),
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as d:
+        res = train(model, StepBatches(source(cfg.vocab_size, batch, seq)), NextToken(), tcfg,
+                    Writer(d, {}))  # fmt: skip
+        first = json.loads((Path(d) / "metrics.jsonl").read_text().splitlines()[0])
+    return {"tokens_per_s": res.tokens_per_s, "mfu": res.mfu, "loss": first["loss"]}
+
+
+def theirs(cfg: GPTConfig, batch: int, seq: int, steps: int) -> dict:
+    from llmctl.model.hf import to_hf_gpt2
+    from llmctl.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    hf = to_hf_gpt2(GPT(cfg)).train()
+    opt = build_optimizer(hf, lr=LR, weight_decay=WD, betas=BETAS)  # same groups rule
+    get = source(cfg.vocab_size, batch, seq)
+    start, losses = 0.0, []
+    for step in range(steps):
+        x = torch.from_numpy(get(step))
+        out = hf(input_ids=x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(
+            out.logits.reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step == 0:
+            start = time.perf_counter()
+    rate = (steps - 1) * batch * seq / (time.perf_counter() - start)
+    return {"tokens_per_s": rate, "loss": losses[0]}
+
+
+def cpu(args: argparse.Namespace) -> list[tuple]:
+    torch.set_num_threads(args.threads)
+    cfg = GPTConfig(vocab_size=8192, n_layer=4, n_head=4, d_model=256, max_seq_len=128,
+                    norm="layernorm", mlp="gelu", pos="learned", bias=True)  # fmt: skip
+    batch, seq = 8, 128
+    steps = 6 if args.quick else 21
+    best_ours = best_hf = 0.0
+    for _ in range(1 if args.quick else args.rounds):
+        a = ours(cfg, batch, seq, steps, "cpu", compile=False)
+        b = theirs(cfg, batch, seq, steps)
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)  # same model, same data
+        best_ours, best_hf = max(best_ours, a["tokens_per_s"]), max(best_hf, b["tokens_per_s"])
+    shape = f"GPT-2 shape L4 d256 V8192, batch {batch}x{seq}, fp32, {args.threads} threads"
+    return [
+        ("train step tok/s (CPU)", shape, f"{best_ours:,.0f}", f"{best_hf:,.0f}",
+         f"{best_ours / best_hf:.2f}x"),
+    ]  # fmt: skip
+
+
+def gpu(args: argparse.Namespace) -> list[tuple]:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    name = torch.cuda.get_device_name()
+    rows = []
+    for label, cfg, batch, seq in (
+        ("small", preset("small", vocab_size=8192), 64, 256),
+        ("gpt2-124m", preset("gpt2-124m", vocab_size=50304), 16, 1024),
+    ):
+        r = ours(cfg, batch, seq, args.steps, "cuda", compile=not args.no_compile)
+        rows.append((f"{label} train tok/s ({name})", f"batch {batch}x{seq}, bf16, compile",
+                     f"{r['tokens_per_s']:,.0f}", f"MFU {r['mfu']:.1%}",
+                     f"peak {peak_flops(torch.device('cuda')) / 1e12:.0f} TF"))  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="few steps, one round")
+    p.add_argument("--markdown", action="store_true", help="print rows for docs/benchmarks.md")
+    p.add_argument("--gpu", action="store_true", help="CUDA throughput and MFU instead")
+    p.add_argument("--steps", type=int, default=200, help="GPU steps per model")
+    p.add_argument("--rounds", type=int, default=3, help="CPU: alternate rounds, best kept")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    set_quiet(True)
+    rows = gpu(args) if args.gpu else cpu(args)
+    head = ("benchmark", "setting", "llmctl", "peer", "ratio")
+    if args.markdown:
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        for r in rows:
+            print("  ".join(f"{k}: {v}" for k, v in zip(head, r, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""`llmctl eval`: loss, perplexity and bits per byte of a checkpoint on held-out text.
+
+DATA is a `tokens` artifact (its val split is scored; it must have been made with the
+checkpoint's tokenizer) or documents: a `docs` artifact or raw text files, encoded with the
+checkpoint's tokenizer, each document followed by <|eos|> as `tokenize` does.
+
+The token stream is cut into windows of `seq_len + 1` tokens that overlap by one, so every
+token but the first is predicted exactly once, from up to `seq_len` tokens of context.
+loss = mean negative log-likelihood (nats) per predicted token; perplexity = exp(loss);
+bits per byte = nats of the predicted non-special tokens / ln 2 / the UTF-8 bytes they decode
+to. Bits per byte does not depend on the tokenizer, so models with different vocabularies
+compare on it.
+
+Example:
+    llmctl eval out/ckpt out/tokens
+    llmctl eval out/ckpt held_out.txt --json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmctl.artifacts import is_artifact, open_artifact
+from llmctl.config import helpful
+from llmctl.data.docs import BadRecord, ReadOptions, iter_docs
+from llmctl.errors import UsageError
+from llmctl.runtime import human_bytes, progress, summary, warn
+
+
+@dataclass(frozen=True)
+class EvalConfig(ReadOptions):
+    """Settings of `llmctl eval`."""
+
+    seq_len: int = helpful(0, "context per window (0 = the model's max_seq_len)")
+    batch_size: int = helpful(8, "windows per forward pass")
+    max_tokens: int = helpful(0, "score at most this many tokens (0 = all)")
+    device: Literal["auto", "cpu", "cuda"] = helpful("auto", "auto: CUDA when available")
+    dtype: Literal["auto", "float32", "bfloat16"] = helpful(
+        "auto", "auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+
+
+@torch.no_grad()
+def score(
+    model: torch.nn.Module,
+    ids: np.ndarray,
+    special: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    precision: str = "auto",
+) -> tuple[float, int, float, int]:
+    """(nats, tokens, nats of non-special targets, non-special targets) of next-token
+    prediction over `ids`, in windows of seq_len + 1 tokens overlapping by one."""
+    from llmctl.train.loop import autocast
+
+    device = next(model.parameters()).device
+    starts = list(range(0, len(ids) - 1, seq_len))
+    nats = torch.zeros(2, dtype=torch.float64, device=device)
+    counts = [0, 0]
+    with progress("eval", total=len(starts), unit="it") as bar:
+        for i in range(0, len(starts), batch_size):
+            group = starts[i : i + batch_size]
+            # the last window may be shorter: score it on its own
+            for rows in _same_length(ids, group, seq_len):
+                x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+                with autocast(device, precision):
+                    logits = model(x[:, :-1])
+                nll = F.cross_entropy(
+                    logits.float().transpose(1, 2), x[:, 1:], reduction="none"
+                ).double()
+                text = torch.from_numpy(~np.isin(np.stack(rows)[:, 1:], special)).to(device)
+                nats[0] += nll.sum()
+                nats[1] += (nll * text).sum()
+                counts[0] += nll.numel()
+                counts[1] += int(text.sum())
+            bar.advance(len(group))
+    total, text_nats = nats.tolist()
+    return total, counts[0], text_nats, counts[1]
+
+
+def _same_length(ids: np.ndarray, starts: list[int], seq_len: int) -> list[list[np.ndarray]]:
+    rows = [ids[s : s + seq_len + 1] for s in starts]
+    full = [r for r in rows if len(r) == seq_len + 1]
+    return [g for g in (full, [r for r in rows if len(r) != seq_len + 1]) if g]
+
+
+def text_bytes(tok: Any, ids: np.ndarray, special: np.ndarray) -> int:
+    """UTF-8 bytes that the non-special tokens of `ids` decode to (decoded between specials,
+    so multi-byte characters split across tokens count once)."""
+    cuts = np.flatnonzero(np.isin(ids, special))
+    pieces = [p for p in np.split(ids, cuts) if len(p)]
+    pieces = [p[1:] if np.isin(p[0], special) else p for p in pieces]
+    texts = tok.decode_batch([p.tolist() for p in pieces if len(p)])
+    return sum(len(t.encode("utf-8")) for t in texts)
+
+
+def _token_stream(data: list[Path], checkpoint: Path, tok: Any, cfg: EvalConfig) -> tuple:
+    """(ids, description) of what DATA names."""
+    from llmctl.data.tokens import read_shard, split_shards
+    from llmctl.tokenizer import EOS_ID, encode
+
+    one = data[0] if len(data) == 1 and is_artifact(data[0]) else None
+    if one is not None and open_artifact(one, ("tokens", "docs"), verify=False).kind == "tokens":
+        m = open_artifact(one, "tokens")
+        ours = open_artifact(checkpoint, "checkpoint", verify=False).files["tokenizer.json"]
+        if m.files["tokenizer.json"]["sha256"] != ours["sha256"]:
+            raise UsageError(f"{data[0]}: made with a different tokenizer than {checkpoint}")
+        parts = [np.asarray(read_shard(p)) for p in split_shards(m.path, "val")]
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return ids.astype(np.int64), f"{data[0]} (val split)"
+    docs, bad = [], 0
+    for doc in iter_docs(data, cfg):
+        if isinstance(doc, BadRecord):
+            bad += 1
+            continue
+        docs.extend([*encode(tok, doc.text), EOS_ID])
+    if bad:
+        warn(f"skipped {bad:,} malformed record(s)")
+    return np.array(docs, dtype=np.int64), ", ".join(map(str, data))
+
+
+def run(checkpoint: Path, data: list[Path], cfg: EvalConfig, as_json: bool = False) -> dict:
+    """Score `checkpoint` on `data`; print a table (and JSON on stdout with `as_json`)."""
+    from llmctl.model.io import load_model
+    from llmctl.tokenizer import SPECIAL_TOKENS, load_tokenizer
+    from llmctl.train.distributed import pick_device
+
+    open_artifact(checkpoint, "checkpoint")
+    tok = load_tokenizer(checkpoint)
+    try:
+        model = load_model(checkpoint, device=pick_device(cfg.device))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if not model.config.causal:
+        raise UsageError(f"{checkpoint}: a bidirectional (masked-LM) model has no next-token loss")
+    seq_len = cfg.seq_len or model.config.max_seq_len
+    if not 1 <= seq_len <= model.config.max_seq_len or cfg.batch_size < 1:
+        raise UsageError(f"config key 'seq_len': must be in 1..{model.config.max_seq_len}")
+    ids, source = _token_stream(data, checkpoint, tok, cfg)
+    if cfg.max_tokens:
+        ids = ids[: cfg.max_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"{source}: fewer than 2 tokens to score")
+    special = np.arange(len(SPECIAL_TOKENS))
+    nats, n, text_nats, n_text = score(model, ids, special, seq_len, cfg.batch_size, cfg.dtype)
+    n_bytes = text_bytes(tok, ids[1:], special)
+    loss = nats / n
+    result = {
+        "checkpoint": str(checkpoint),
+        "data": source,
+        "tokens": n,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": text_nats / math.log(2) / n_bytes if n_bytes else None,
+        "bytes": n_bytes,
+        "text_tokens": n_text,
+        "seq_len": seq_len,
+    }
+    bpb = result["bits_per_byte"]
+    summary(
+        f"eval {checkpoint}",
+        [
+            ("data", source),
+            ("tokens scored", n),
+            ("loss (nats/token)", f"{loss:.4f}"),
+            ("perplexity", f"{result['perplexity']:.3f}"),
+            ("bits per byte", "-" if bpb is None else f"{bpb:.4f}"),
+            ("text", f"{human_bytes(n_bytes)} in {n_text:,} tokens"),
+        ],
+    )
+    if as_json:
+        print(json.dumps(result, indent=2))
+    return result
