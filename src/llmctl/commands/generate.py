@@ -1,0 +1,326 @@
+"""`llmctl generate`: complete prompts with a checkpoint (every strategy of `model/sample.py`).
+
+Reads a `checkpoint` (optionally an `adapter` merged into it and a `--draft` checkpoint with
+the same tokenizer); prompts come from `--prompt TEXT` or `--prompts FILE.jsonl` (one
+`{"prompt": "..."}` or `{"messages": [...]}` per line). Completions go to stdout (streamed
+token by token on a terminal); `--out DIR` writes a `samples` artifact (`samples.jsonl`).
+Plain prompts are preceded by <|eos|>, the document separator of the token shards, so a
+prompt starts a fresh document as in pretraining. `--chat` renders prompts with the chat
+template and, with no prompt on a terminal, opens an interactive chat (`/reset`, `/exit`).
+A masked-LM checkpoint fills the <|mask|> tokens of each prompt instead.
+
+Example:
+    llmctl generate out/ckpt --prompt "Once upon a time" --do-sample --top-p 0.9 --seed 0
+    llmctl generate out/ckpt --prompts prompts.jsonl --num-beams 4 --out out/samples
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmctl.artifacts import building, is_artifact, open_artifact
+from llmctl.config import helpful, to_dict
+from llmctl.errors import UsageError
+from llmctl.model.sample import GenerationParams, Stops
+from llmctl.runtime import info, summary, warn
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class GenerateConfig(GenerationParams):
+    """Settings of `llmctl generate`: transformers' `generate` parameters plus these."""
+
+    prompt: str = helpful("", "Prompt text (or use `prompts`).")
+    prompts: str = helpful("", "JSONL file: one {'prompt': ...} or {'messages': [...]} a line.")
+    adapter: str = helpful("", "LoRA adapter (PEFT layout) to merge into the checkpoint first.")
+    draft: str = helpful("", "Draft checkpoint for speculative decoding (same tokenizer).")
+    chat: bool = helpful(False, "Render prompts with the checkpoint's chat template.")
+    strict: bool = helpful(False, "A prompt longer than the context is an error, not truncated.")
+    batch_size: int = helpful(8, "Prompts decoded together (left-padded) when not streaming.")
+    device: str = helpful("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
+    dtype: str = helpful("auto", f"One of {', '.join(DTYPES)} (auto: the checkpoint's).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        if self.prompt and self.prompts:
+            raise ValueError("give prompt or prompts, not both")
+
+    def params(self, seed: int | None) -> GenerationParams:
+        """The decoding settings alone, with the seed actually used."""
+        names = [f.name for f in dataclasses.fields(GenerationParams)]
+        return GenerationParams(**{**{n: getattr(self, n) for n in names}, "seed": seed})
+
+
+def read_prompts(path: Path) -> list[tuple[str, str | list[dict[str, str]]]]:
+    """(`file:line`, prompt text or chat messages) per non-blank line of a JSONL file."""
+    if not path.is_file():
+        raise UsageError(f"{path}: prompts file not found")
+    out: list[tuple[str, Any]] = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, start=1):
+                where = f"{path}:{n}"
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+                if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+                    out.append((where, rec["prompt"]))
+                elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+                    out.append((where, rec["messages"]))
+                else:
+                    raise UsageError(
+                        f'{where}: expected {{"prompt": str}} or {{"messages": [...]}}'
+                    )
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}: not valid UTF-8") from None
+    if not out:
+        raise UsageError(f"{path}: no prompts (the file is empty)")
+    return out
+
+
+def _load(cfg: GenerateConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any]:
+    """(model, tokenizer, checkpoint manifest, draft model or None)."""
+    import torch
+
+    from llmctl.model.adapter import merge_adapter
+    from llmctl.model.io import load_model
+    from llmctl.tokenizer import load_tokenizer
+
+    ckpt = open_artifact(checkpoint, "checkpoint")
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    try:
+        model, draft = load_model(checkpoint, device, dtype), None
+        if cfg.adapter:
+            adapter = Path(cfg.adapter)
+            if is_artifact(adapter):
+                open_artifact(adapter, "adapter")
+            merged = merge_adapter(model, adapter, base_digest=ckpt.digest)
+            info(f"merged adapter {adapter} into {len(merged)} linear layers")
+        if cfg.draft:
+            dm = open_artifact(cfg.draft, "checkpoint")
+            sha = [m.files.get("tokenizer.json", {}).get("sha256") for m in (ckpt, dm)]
+            if sha[0] != sha[1]:
+                raise UsageError(
+                    f"{cfg.draft}: the draft's tokenizer.json differs from the model's"
+                )
+            draft = load_model(cfg.draft, device, dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return model, load_tokenizer(checkpoint), ckpt, draft
+
+
+def _check_masked_lm(cfg: GenerateConfig) -> None:
+    defaults = GenerateConfig()
+    wrong = [
+        name
+        for name in ("num_beams", "draft", "stop", "stop_token_ids", "repetition_penalty",
+                     "frequency_penalty", "presence_penalty", "no_repeat_ngram_size", "chat")
+        if getattr(cfg, name) != getattr(defaults, name)
+    ]  # fmt: skip
+    if wrong:
+        raise UsageError(
+            f"this is a masked-LM checkpoint (it fills <|mask|> tokens); "
+            f"{', '.join(wrong)} do not apply to it"
+        )
+
+
+def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: bool = False,
+        write: Callable[[str], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Generate for every prompt; print completions (stream them on a TTY); with `out`, write
+    a `samples` artifact. Returns the sample records."""
+
+    from llmctl.model import sample
+    from llmctl.tokenizer import (
+        END_ID,
+        EOS_ID,
+        MASK_ID,
+        PAD_ID,
+        SPECIAL_TOKENS,
+        decode,
+        encode,
+        render_chat,
+    )
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    repl = not cfg.prompt and not cfg.prompts and cfg.chat and interactive
+    if not cfg.prompt and not cfg.prompts and not repl:
+        raise UsageError("give --prompt TEXT or --prompts FILE.jsonl (or --chat on a terminal)")
+    items = read_prompts(Path(cfg.prompts)) if cfg.prompts else [("--prompt", cfg.prompt)]
+    model, tok, ckpt, draft = _load(cfg, checkpoint)
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    mlm = not model.config.causal
+    if mlm:
+        _check_masked_lm(cfg)
+    limit = model.config.max_seq_len - (0 if mlm else cfg.max_new_tokens)
+    if limit < 1:
+        raise UsageError(
+            f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {model.config.max_seq_len} tokens"
+        )
+    seed = cfg.seed if cfg.seed is not None or not cfg.do_sample else secrets.randbelow(2**31)
+    params = cfg.params(seed)
+    settings = to_dict(params)
+    stops = Stops(
+        cfg.max_new_tokens,
+        eos_ids=frozenset({EOS_ID}),
+        stop_ids=frozenset(cfg.stop_token_ids) | (frozenset({END_ID}) if cfg.chat else frozenset()),
+        strings=tuple(cfg.stop),
+        decode=lambda ids: decode(tok, ids),
+    )
+
+    def tokens_of(where: str, value: str | list[dict[str, str]]) -> list[int]:
+        if isinstance(value, list) or cfg.chat:
+            msgs = value if isinstance(value, list) else [{"role": "user", "content": value}]
+            ids = encode(tok, render_chat(msgs, add_generation_prompt=True))
+        else:
+            ids = [EOS_ID, *encode(tok, value)]
+        if len(ids) > limit:
+            why = f"{where}: prompt has {len(ids)} tokens; the context leaves room for {limit}"
+            if cfg.strict:
+                raise UsageError(why)
+            warn(f"{why}; keeping its last {limit} tokens")
+            ids = ids[-limit:]
+        return ids
+
+    if repl:
+        return chat_repl(model, tok, params, stops, draft, tokens_of, write)
+    encoded = [tokens_of(where, value) for where, value in items]
+
+    streaming = interactive and cfg.num_beams == 1 and not mlm
+    records, t0 = [], time.perf_counter()
+    for start in range(0, len(items), 1 if streaming or mlm else cfg.batch_size):
+        batch = encoded[start : start + (1 if streaming or mlm else cfg.batch_size)]
+        if mlm:
+            if MASK_ID not in batch[0]:
+                raise UsageError(f"{items[start][0]}: the prompt has no <|mask|> token to fill")
+            results = [[]]
+            for s in range(cfg.num_samples):
+                gen = sample.row_generator(seed or 0, start, s, model.tok_emb.weight.device)
+                filled = sample.fill_masks(model, batch[0], MASK_ID, params, generator=gen,
+                                           banned_ids=range(len(SPECIAL_TOKENS)))  # fmt: skip
+                text = decode(tok, filled[1:] if filled[0] == EOS_ID else filled)
+                fills = [t for t, m in zip(filled, batch[0], strict=True) if m == MASK_ID]
+                results[0].append(sample.Completion(fills, text, finish_reason="filled"))
+        elif streaming:
+            results = [[]]
+            for s in range(cfg.num_samples):
+                _header(len(items), cfg.num_samples, start, s)
+                for delta in sample.stream(model, batch[0], params, stops=stops, draft=draft,
+                                           pad_id=PAD_ID, index=start, sample=s):  # fmt: skip
+                    write(delta.text)
+                write("\n")
+                results[0].append(delta.completion)
+        else:
+            results = sample.generate(model, batch, params, stops=stops, draft=draft,
+                                      pad_id=PAD_ID, first_index=start)  # fmt: skip
+        for i, comps in enumerate(results):
+            for s, c in enumerate(comps):
+                if not streaming:
+                    _header(len(items), len(comps), start + i, s)
+                    write(c.text + "\n")
+                rec = {
+                    "index": start + i,
+                    "sample": s,
+                    "prompt": items[start + i][1],
+                    "completion": c.text,
+                    "finish_reason": c.finish_reason,
+                    "prompt_tokens": len(batch[i]),
+                    "completion_tokens": len(c.tokens),
+                }
+                if c.score is not None:
+                    rec["score"] = c.score
+                records.append({**rec, "settings": settings})
+    seconds = time.perf_counter() - t0
+    _finish(records, seconds, cfg, checkpoint, ckpt, out, force)
+    return records
+
+
+def _header(n_prompts: int, n_samples: int, index: int, s: int) -> None:
+    if n_prompts > 1 or n_samples > 1:
+        info(f"[dim]── prompt {index + 1}/{n_prompts} · sample {s + 1}/{n_samples} ──[/]")
+
+
+def _finish(records: list[dict[str, Any]], seconds: float, cfg: GenerateConfig, checkpoint: Path,
+            ckpt: Any, out: Path | None, force: bool) -> None:  # fmt: skip
+    new_tokens = sum(r["completion_tokens"] for r in records)
+    reasons = Counter(r["finish_reason"] for r in records)
+    stats = {
+        "prompts": len({r["index"] for r in records}),
+        "samples": len(records),
+        "prompt_tokens": sum({r["index"]: r["prompt_tokens"] for r in records}.values()),
+        "completion_tokens": new_tokens,
+        "finish_reasons": dict(sorted(reasons.items())),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+    }
+    if out is not None:
+        inputs = {"checkpoint": checkpoint}
+        inputs |= {"adapter": Path(cfg.adapter)} if cfg.adapter else {}
+        inputs |= {"draft": Path(cfg.draft)} if cfg.draft else {}
+        with building(out, kind="samples", command="generate", config=to_dict(cfg),
+                      inputs=inputs, force=force) as art:  # fmt: skip
+            with open(art.dir / "samples.jsonl", "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            art.stats.update(stats)
+    rows = [(k, v) for k, v in stats.items() if k != "finish_reasons"]
+    rows += [(f"finish: {k}", v) for k, v in stats["finish_reasons"].items()]
+    summary(f"generate {ckpt.path}", rows + ([("out", str(out))] if out else []))
+
+
+def chat_repl(model: Any, tok: Any, params: GenerationParams, stops: Stops, draft: Any,
+              tokens_of: Callable[[str, Any], list[int]], write: Callable[[str], None],
+              read: Callable[[str], str] = input) -> list[dict[str, Any]]:  # fmt: skip
+    """Interactive chat that keeps the conversation; `/reset` forgets it, `/exit` (or EOF)
+    ends. Returns the conversation's records (one per assistant turn)."""
+    from llmctl.model.sample import stream
+    from llmctl.tokenizer import PAD_ID
+
+    info("chat: /reset starts over, /exit (or Ctrl-D) leaves")
+    messages: list[dict[str, str]] = []
+    records: list[dict[str, Any]] = []
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            write("\n")
+            break
+        if line == "/exit":
+            break
+        if line == "/reset":
+            messages = []
+            info("(conversation reset)")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tokens_of(f"turn {len(records) + 1}", list(messages))
+        write("assistant> ")
+        for delta in stream(model, ids, params, stops=stops, draft=draft, pad_id=PAD_ID,
+                            index=len(records)):  # fmt: skip
+            write(delta.text)
+        write("\n")
+        c = delta.completion
+        messages.append({"role": "assistant", "content": c.text})
+        records.append({"messages": list(messages), "finish_reason": c.finish_reason})
+    return records
