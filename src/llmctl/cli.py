@@ -1,0 +1,399 @@
+"""The `llmctl` command line: one short function per subcommand.
+
+Each function turns its options into the command's config dataclass (defaults < `--config`
+TOML < typed options < `--set key=value`) and calls `llmctl.commands.<verb>.run`. This is the
+only module that imports typer. Exit codes: 0 done, 2 bad input or config, 1 internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmctl import __version__
+from llmctl.config import describe, load_config
+from llmctl.errors import UsageError
+from llmctl.runtime import console, set_quiet
+
+app = typer.Typer(
+    name="llmctl",
+    help="Build a language model end to end: clean → dedup → tokenize → pretrain → generate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# Options every artifact-writing command shares.
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Artifact directory to write.")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML file of settings (see --show-config).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override one setting, key=value (TOML value); repeatable."),
+]
+ShowOpt = Annotated[
+    bool, typer.Option("--show-config", help="Print the resolved settings with help, then exit.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out artifact.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary output.")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", "-j", help="Worker processes (default: all cores).")
+]
+StrictOpt = Annotated[
+    bool, typer.Option("--strict", help="Fail at the first malformed record (exit 2).")
+]
+InputsArg = Annotated[list[Path] | None, typer.Argument(help="Input files, folders or artifacts.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(fn: F) -> F:
+    """Register a subcommand that maps UsageError to exit 2 with one clear line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        set_quiet(bool(kwargs.get("quiet")))
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as e:
+            console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    app.command()(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+C = TypeVar("C")
+
+
+def resolve(
+    cls: type[C], config: Path | None, sets: list[str] | None, show: bool, **options: Any
+) -> C:
+    """The command's config; with --show-config, print it and exit 0."""
+    cfg = load_config(cls, config, sets, options)
+    if show:
+        table = Table(title=f"{cls.__name__} (resolved)", title_justify="left")
+        table.add_column("key")
+        table.add_column("value")
+        table.add_column("help")
+        for key, value, help_text in describe(cfg):
+            table.add_row(key, value, help_text)
+        Console().print(table)
+        raise typer.Exit(0)
+    return cfg
+
+
+def need_out(out: Path | None) -> Path:
+    """`--out` is optional only so that `--show-config` works without it."""
+    if out is None:
+        raise UsageError("--out is required (the artifact directory to write)")
+    return out
+
+
+def need(value: Any, what: str) -> Any:
+    """A positional argument is optional only so that `--show-config` works without it."""
+    if not value:
+        raise UsageError(f"missing argument: {what}")
+    return value
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llmctl {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """llmctl: every stage reads artifacts and writes one new artifact, complete or absent."""
+
+
+# --- subcommands ---------------------------------------------------------------------------
+# (each below: options -> config -> commands.<verb>.run)
+
+
+def _opt(flag: str, help: str, tp: Any = int) -> Any:
+    """A typed option whose None default means 'not given' (resolve ignores it)."""
+    return Annotated[tp | None, typer.Option(flag, help=help)]
+
+
+@command
+def clean(
+    inputs: InputsArg = None,
+    out: OutOpt = None,
+    text_field: Annotated[
+        str | None, typer.Option("--text-field", help="JSON/parquet field holding the text.")
+    ] = None,
+    workers: WorkersOpt = None,
+    strict: StrictOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Filter raw text into clean documents (Gopher, C4, FineWeb rules, language id, PII).
+
+    Reads txt, jsonl(.gz/.zst), parquet, HTML, WARC(.gz), folders of them and docs artifacts.
+    """
+    from llmctl.commands import clean as verb
+
+    cfg = resolve(
+        verb.CleanConfig,
+        config,
+        sets,
+        show_config,
+        text_field=text_field,
+        workers=workers,
+        strict=strict or None,
+    )
+    verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
+
+
+@command
+def dedup(
+    inputs: InputsArg = None,
+    out: OutOpt = None,
+    decontaminate: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--decontaminate",
+            help="Eval docs (file, folder or docs artifact): drop training docs sharing a "
+            "13-gram with them; repeatable.",
+        ),
+    ] = None,
+    text_field: Annotated[
+        str | None, typer.Option("--text-field", help="JSON/parquet field holding the text.")
+    ] = None,
+    workers: WorkersOpt = None,
+    strict: StrictOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Drop exact and near-duplicate documents (MinHash LSH), saying which doc each duplicates."""
+    from llmctl.commands import dedup as verb
+
+    cfg = resolve(
+        verb.DedupConfig,
+        config,
+        sets,
+        show_config,
+        text_field=text_field,
+        workers=workers,
+        strict=strict or None,
+        **{"decontam.paths": [str(p) for p in decontaminate] if decontaminate else None},
+    )
+    verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
+
+
+@command
+def tokenize(
+    inputs: InputsArg = None,
+    out: OutOpt = None,
+    vocab_size: Annotated[
+        int | None, typer.Option("--vocab-size", help="Vocabulary size to train (default 8192).")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer", help="Reuse this tokenizer.json, tokens artifact or checkpoint."
+        ),
+    ] = None,
+    train_bytes: Annotated[
+        int | None, typer.Option("--train-bytes", help="Cap on the text that trains the tokenizer.")
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option("--val-fraction", help="Share of documents held out (0.01).")
+    ] = None,
+    shard_tokens: Annotated[
+        int | None, typer.Option("--shard-tokens", help="Most tokens per shard file.")
+    ] = None,
+    text_field: Annotated[
+        str | None, typer.Option("--text-field", help="JSON/parquet field holding the text.")
+    ] = None,
+    workers: WorkersOpt = None,
+    strict: StrictOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a byte-level BPE tokenizer and encode documents into token shards."""
+    from llmctl.commands import tokenize as verb
+
+    cfg = resolve(
+        verb.TokenizeConfig,
+        config,
+        sets,
+        show_config,
+        vocab_size=vocab_size,
+        tokenizer=str(tokenizer) if tokenizer else None,
+        train_bytes=train_bytes,
+        val_fraction=val_fraction,
+        shard_tokens=shard_tokens,
+        text_field=text_field,
+        workers=workers,
+        strict=strict or None,
+    )
+    verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
+
+
+@command
+def pretrain(
+    tokens: Annotated[
+        Path | None, typer.Argument(help="Tokens artifact (from `llmctl tokenize`).")
+    ] = None,
+    out: OutOpt = None,
+    preset: _opt("--preset", "Model preset: tiny, small, gpt2-124m, llama-style.", str) = None,
+    objective: _opt("--objective", "causal (next token) or mlm (masked LM).", str) = None,
+    steps: _opt("--steps", "Optimizer steps.") = None,
+    batch_size: _opt("--batch-size", "Sequences per micro-batch (per process).") = None,
+    seq_len: _opt("--seq-len", "Tokens per sequence (default: the model's context).") = None,
+    lr: _opt("--lr", "Peak learning rate.", float) = None,
+    seed: _opt("--seed", "Seed of init, data order and masks.") = None,
+    device: _opt("--device", "auto, cpu or cuda.", str) = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a model from scratch on a tokens artifact; rerun the same command to resume.
+
+    Under `torchrun --nproc-per-node N` it trains data-parallel (DDP, or FSDP2).
+    """
+    from llmctl.commands import pretrain as verb
+
+    cfg = resolve(
+        verb.PretrainConfig, config, sets, show_config,
+        preset=preset, objective=objective, steps=steps, batch_size=batch_size, seq_len=seq_len,
+        lr=lr, seed=seed, device=device, compile=compile or None,
+    )  # fmt: skip
+    verb.run(need(tokens, "TOKENS"), need_out(out), cfg, force=force)
+
+
+@command
+def eval(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact directory.")
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Tokens artifact (val split), docs artifact or text files."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    seq_len: _opt("--seq-len", "Context per window (default: the model's).") = None,
+    max_tokens: _opt("--max-tokens", "Score at most this many tokens.") = None,
+    device: _opt("--device", "auto, cpu or cuda.", str) = None,
+    text_field: _opt("--text-field", "JSON/parquet field holding the text.", str) = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Loss, perplexity and bits per byte of a checkpoint on held-out tokens or documents."""
+    from llmctl.commands import eval as verb
+
+    cfg = resolve(
+        verb.EvalConfig, config, sets, show_config,
+        seq_len=seq_len, max_tokens=max_tokens, device=device, text_field=text_field,
+    )  # fmt: skip
+    verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), cfg, as_json=as_json)
+
+
+@command
+def generate(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact directory.")
+    ] = None,
+    prompt: _opt("--prompt", "Prompt text.", str) = None,
+    prompts: _opt(
+        "--prompts", "JSONL file: {'prompt': ...} or {'messages': [...]} a line.", Path
+    ) = None,
+    out: OutOpt = None,
+    max_new_tokens: _opt("--max-new-tokens", "Most tokens to generate (64).") = None,
+    do_sample: Annotated[bool, typer.Option("--do-sample", help="Sample (else greedy).")] = False,
+    temperature: _opt("--temperature", "Divide logits by this when sampling.", float) = None,
+    top_k: _opt("--top-k", "Sample among the k most likely tokens.") = None,
+    top_p: _opt("--top-p", "Nucleus sampling: keep this much probability.", float) = None,
+    min_p: _opt("--min-p", "Drop tokens below min_p * p(top token).", float) = None,
+    num_beams: _opt("--num-beams", "Beam search with this many beams.") = None,
+    length_penalty: _opt("--length-penalty", "Beam score = logprob / len ** this.", float) = None,
+    early_stopping: Annotated[
+        bool, typer.Option("--early-stopping", help="Beam search ends at num_beams finished.")
+    ] = False,
+    repetition_penalty: _opt("--repetition-penalty", "HF repetition penalty (>1).", float) = None,
+    frequency_penalty: _opt("--frequency-penalty", "OpenAI frequency penalty.", float) = None,
+    presence_penalty: _opt("--presence-penalty", "OpenAI presence penalty.", float) = None,
+    no_repeat_ngram_size: _opt(
+        "--no-repeat-ngram-size", "Never repeat n-grams of this size."
+    ) = None,
+    num_return_sequences: _opt("--num-return-sequences", "Beams returned (<= beams).") = None,
+    num_samples: _opt("--num-samples", "Samples per prompt (with --do-sample).") = None,
+    seed: _opt("--seed", "Sampling seed (default random, recorded).") = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop string (repeatable); cut before it.")
+    ] = None,
+    adapter: _opt("--adapter", "LoRA adapter to merge into the checkpoint.", Path) = None,
+    draft: _opt("--draft", "Draft checkpoint for speculative decoding.", Path) = None,
+    draft_k: _opt("--draft-k", "Tokens the draft proposes per step (4).") = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Use the chat template; no prompt on a TTY: a REPL.")
+    ] = False,
+    device: _opt("--device", "cpu, cuda, cuda:N or auto.", str) = None,
+    dtype: _opt("--dtype", "auto, float32, bfloat16 or float16.", str) = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="A prompt longer than the context is an error.")
+    ] = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate text: greedy, sampling, beam search, speculative decoding, chat.
+
+    Sampling filters: temperature, top-k, top-p, min-p; penalties: repetition, frequency,
+    presence, no-repeat n-gram; stop strings and tokens. --chat renders the checkpoint's chat
+    template, or opens a REPL when no prompt is given on a terminal.
+    """
+    from llmctl.commands import generate as verb
+
+    cfg = resolve(
+        verb.GenerateConfig, config, sets, show_config,
+        prompt=prompt, prompts=str(prompts) if prompts else None, max_new_tokens=max_new_tokens,
+        do_sample=do_sample or None, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, num_beams=num_beams, length_penalty=length_penalty,
+        early_stopping=early_stopping or None, repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences,
+        num_samples=num_samples, seed=seed, stop=stop or None,
+        adapter=str(adapter) if adapter else None, draft=str(draft) if draft else None,
+        draft_k=draft_k, chat=chat or None, device=device, dtype=dtype, strict=strict or None,
+    )  # fmt: skip
+    verb.run(need(checkpoint, "CHECKPOINT"), cfg, out, force=force)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
