@@ -172,8 +172,8 @@ def test_docs_artifact_input_bad_records_and_special_text(tmp_path: Path) -> Non
     assert m.stats["bad_records"] == {"bad_json": 1, "lone_surrogate": 1, "missing_text": 1}
     assert m.stats["empty_docs"] == 1
     assert m.stats["docs"]["train"] + m.stats["docs"]["val"] == 152
-    assert set(m.data["inputs"]) == {"docs", "docs_1"}
-    assert m.data["inputs"]["docs"]["kind"] == "docs"
+    assert set(m.data["inputs"]) == {"input-0", "input-1"}
+    assert m.data["inputs"]["input-0"]["kind"] == "docs"
     errors = [json.loads(x) for x in (out / "rejected" / "errors.jsonl").read_text().splitlines()]
     assert [(e["line"], e["reason"]) for e in errors] == [
         (2, "bad_json"),

@@ -194,12 +194,14 @@ def building(
     kind: str,
     command: str,
     config: dict[str, Any],
-    inputs: dict[str, Path] | None = None,
+    inputs: dict[str, Path] | list[Path] | None = None,
     force: bool = False,
     resume: bool = False,
 ) -> Iterator[Builder]:
     """Build an artifact in `.OUT.partial/` and publish it when the block ends without error.
 
+    `inputs` names what the artifact was built from: a dict of named inputs (`{"tokens": p}`)
+    or a list of positional ones, recorded as `input-0`, `input-1`, ...
     `resume=True` (training) keeps an existing partial directory, and keeps it on failure so
     that rerunning the same command continues; otherwise a failed build leaves nothing behind.
     """
@@ -211,6 +213,11 @@ def building(
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
+    named = (
+        dict(inputs or {})
+        if not isinstance(inputs, list)
+        else {f"input-{i}": p for i, p in enumerate(inputs)}
+    )
     tmp = partial_dir(out)
     if tmp.exists() and not resume:
         shutil.rmtree(tmp)
@@ -221,7 +228,7 @@ def building(
         kind=kind,
         command=command,
         config=config,
-        inputs={name: input_ref(p) for name, p in (inputs or {}).items()},
+        inputs={name: input_ref(Path(p)) for name, p in named.items()},
     )
     try:
         yield b

@@ -104,9 +104,8 @@ def run(inputs: list[Path], out: Path, cfg: CleanConfig, force: bool = False) ->
     kept_docs = dropped_docs = bytes_in = bytes_out = 0
     drops: dict[tuple[str, str], list[int]] = {}
     counts: Counter[str] = Counter()
-    refs = {f"input-{i}": Path(p) for i, p in enumerate(inputs)}
     with building(
-        out, kind="docs", command="clean", config=to_dict(cfg), inputs=refs, force=force
+        out, kind="docs", command="clean", config=to_dict(cfg), inputs=list(inputs), force=force
     ) as art:
         rejected = art.dir / "rejected"
         with (

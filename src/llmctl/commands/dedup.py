@@ -146,8 +146,8 @@ def run(inputs: list[Path], out: Path, cfg: DedupConfig, force: bool = False) ->
     files = resolve_inputs(inputs)
     workers = cfg.workers or default_workers()
     index, decontam = _eval_index(cfg)
-    names = {f"input{i}": Path(p) for i, p in enumerate(inputs)}
-    names |= {f"eval{i}": Path(p) for i, p in enumerate(cfg.decontam.paths)}
+    names = {f"input-{i}": Path(p) for i, p in enumerate(inputs)}
+    names |= {f"eval-{i}": Path(p) for i, p in enumerate(cfg.decontam.paths)}
     t0 = time.perf_counter()
     with building(
         out, kind="docs", command="dedup", config=to_dict(cfg), inputs=names, force=force

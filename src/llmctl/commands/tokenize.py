@@ -88,7 +88,7 @@ def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, force: bool = False)
     files = resolve_inputs(inputs)
     workers = cfg.workers or default_workers()
     rule = SplitRule(cfg.val_fraction, cfg.seed)
-    refs = {("docs" if i == 0 else f"docs_{i}"): Path(p) for i, p in enumerate(inputs)}
+    refs: dict[str, Path] = {f"input-{i}": Path(p) for i, p in enumerate(inputs)}
     if cfg.tokenizer:
         refs["tokenizer"] = tokenizer_file(cfg.tokenizer)
     meta = {"kind": "tokens", "command": "tokenize", "config": to_dict(cfg), "inputs": refs}
