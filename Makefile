@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-PRESET  ?= tiny
+PRESET  ?= small
 OUT     ?= out
 
 .PHONY: setup demo test test-fast lint format bench clean-out

@@ -1,0 +1,46 @@
+# The full build as a chain of artifacts: raw text -> clean -> dedup -> tokenize -> pretrain
+# -> eval + generate. Each target is an artifact's manifest.json, which llmctl writes last and
+# publishes with one rename, so make only ever trusts complete stages and an interrupted build
+# continues where it stopped (pretrain resumes from its in-progress state).
+#
+#   make -f recipes/build.mk PRESET=small OUT=out LLMCTL=.venv/bin/llmctl all
+#
+# Settings per stage live in recipes/$(PRESET)/<stage>.toml.
+
+LLMCTL ?= llmctl
+PRESET ?= small
+OUT    ?= out
+DATA   ?= recipes/data
+CFG    := recipes/$(PRESET)
+PROMPT ?= The history of
+
+CLEAN    := $(OUT)/clean/manifest.json
+DEDUP    := $(OUT)/dedup/manifest.json
+TOKENS   := $(OUT)/tokens/manifest.json
+MODEL    := $(OUT)/model/manifest.json
+SAMPLES  := $(OUT)/samples/manifest.json
+EVAL     := $(OUT)/eval.json
+
+.PHONY: all
+all: $(SAMPLES) $(EVAL)
+	@echo "built $(OUT): clean -> dedup -> tokens -> model -> samples, eval in $(EVAL)"
+
+$(CLEAN): $(CFG)/clean.toml $(wildcard $(DATA)/*/*)
+	$(LLMCTL) clean $(DATA) --out $(OUT)/clean --config $(CFG)/clean.toml --force
+
+$(DEDUP): $(CLEAN) $(CFG)/dedup.toml
+	$(LLMCTL) dedup $(OUT)/clean --out $(OUT)/dedup --config $(CFG)/dedup.toml --force
+
+$(TOKENS): $(DEDUP) $(CFG)/tokenize.toml
+	$(LLMCTL) tokenize $(OUT)/dedup --out $(OUT)/tokens --config $(CFG)/tokenize.toml --force
+
+$(MODEL): $(TOKENS) $(CFG)/pretrain.toml
+	$(LLMCTL) pretrain $(OUT)/tokens --out $(OUT)/model --config $(CFG)/pretrain.toml --force
+
+# eval writes plain JSON through a temporary name, so a failed run leaves no eval.json behind.
+$(EVAL): $(MODEL) $(TOKENS)
+	$(LLMCTL) eval $(OUT)/model $(OUT)/tokens --json > $@.tmp && mv $@.tmp $@
+
+$(SAMPLES): $(MODEL) $(CFG)/generate.toml
+	$(LLMCTL) generate $(OUT)/model --prompt "$(PROMPT)" --out $(OUT)/samples \
+		--config $(CFG)/generate.toml --force
