@@ -2,7 +2,9 @@
 
 For the `small` preset (mapped to transformers' Llama) and the GPT-2 124M shape (mapped to
 GPT2LMHeadModel), random init, greedy, the same prompt and the same number of new tokens
-(no eos, so both produce exactly that many): batch-1 tokens/s and batch-8 throughput. The
+(no eos, so both produce exactly that many): batch-1 tokens/s and batch-8 throughput, with
+both sides in float32 and both in bfloat16 (llmctl's default on CPUs with native bf16
+matmuls, where batch-1 decoding is bound by the bytes of weights streamed per token). The
 time covers the whole call (prefill of a short prompt included); each side gets one warm-up
 call, then the best of `--repeats` runs is kept. The tokens of both sides are compared.
 
@@ -39,10 +41,13 @@ def best_times(fns: list[Callable[[], object]], repeats: int) -> list[tuple[floa
     return list(zip(best, outs, strict=True))
 
 
-def run(name: str, batch: int, prompt_len: int, new: int, repeats: int) -> dict[str, object]:
+def run(
+    name: str, dtype: torch.dtype, batch: int, prompt_len: int, new: int, repeats: int
+) -> dict[str, object]:
     torch.manual_seed(0)
     model = GPT(preset(MODELS[name][0])).eval()
-    hf = MODELS[name][1](model)
+    hf = MODELS[name][1](model).to(dtype)
+    model.to(dtype)
     vocab = model.config.vocab_size
     ids = torch.randint(8, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
     params = GenerationParams(max_new_tokens=new)
@@ -60,6 +65,7 @@ def run(name: str, batch: int, prompt_len: int, new: int, repeats: int) -> dict[
     (t_ours, a), (t_hf, b) = best_times([ours, theirs], repeats)
     return {
         "model": name,
+        "dtype": str(dtype).removeprefix("torch."),
         "batch": batch,
         "new tokens": new,
         "llmctl tok/s": batch * new / t_ours,
@@ -81,7 +87,8 @@ def main() -> None:
     import transformers
 
     new, repeats = (32, 2) if args.quick else (128, 3)
-    rows = [run(m, b, 16, new, repeats) for m in args.models for b in (1, 8)]
+    dtypes = (torch.float32, torch.bfloat16)
+    rows = [run(m, d, b, 16, new, repeats) for m in args.models for d in dtypes for b in (1, 8)]
     cols = list(rows[0])
     fmt = {float: "{:,.1f}", bool: "{}", int: "{}", str: "{}"}
     lines = [[fmt[type(r[c])].format(r[c]) for c in cols] for r in rows]

@@ -79,8 +79,10 @@ def test_cli_writes_a_samples_artifact(ckpts: Ckpts, tmp_path: Path) -> None:
         + json.dumps({"prompt": "First Citizen:\nBefore we proceed"}) + "\n"
     )  # fmt: skip
     out = tmp_path / "s"
+    # float32: compared below with the library run on the float32 model
     r = llmctl("generate", ckpts.model, "--prompts", prompts, "--out", out, "--do-sample",
-               "--num-samples", 2, "--seed", 3, "--max-new-tokens", 12, "--top-p", 0.9)  # fmt: skip
+               "--num-samples", 2, "--seed", 3, "--max-new-tokens", 12, "--top-p", 0.9,
+               "--dtype", "float32")  # fmt: skip
     assert r.exit_code == 0, r.output
     recs = samples(out)
     assert [(x["index"], x["sample"]) for x in recs] == [(i, s) for i in range(3) for s in range(2)]
@@ -188,6 +190,7 @@ def test_adapter_is_merged_only_onto_its_base(ckpts: Ckpts, tmp_path: Path) -> N
                 "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
                 "base_checkpoint_digest": base}))  # fmt: skip
     args = ["generate", ckpts.model, "--prompt", "ROMEO:", "--max-new-tokens", 10]
+    args += ["--dtype", "float32"]  # compared below with the float32 library run
     r = llmctl(*args, "--adapter", tmp_path / "foreign")
     assert r.exit_code == 2 and f"this checkpoint's digest is {digest}" in r.output
     r = llmctl(*args, "--adapter", tmp_path / "good", "--out", tmp_path / "s")
@@ -250,3 +253,13 @@ def test_chat_repl_keeps_the_conversation_and_resets(ckpts: Ckpts) -> None:
     assert recs[2]["messages"][0] == {"role": "user", "content": "Again"}
     assert len(seen[1]) > len(seen[0]) > len(seen[2]) - 3
     assert "".join(out).count("assistant> ") == 3
+
+
+def test_decode_dtype_auto_is_bf16_only_where_the_cpu_runs_it_natively() -> None:
+    from llmctl.commands.generate import decode_dtype
+
+    assert decode_dtype("float32", "cpu") is torch.float32
+    assert decode_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert decode_dtype("auto", "cuda") is torch.bfloat16
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert decode_dtype("auto", "cpu") is (torch.bfloat16 if native else None)
