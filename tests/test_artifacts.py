@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -85,6 +87,63 @@ def test_exception_mid_write_leaves_nothing(tmp_path: Path) -> None:
     ):
         raise RuntimeError("boom")
     open_artifact(old, "docs")  # a failed --force rebuild keeps the old artifact intact
+
+
+def enospc(*args: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_at_publish_leaves_nothing_and_keeps_the_old_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = make(tmp_path / "a")
+    before = (old / "manifest.json").read_bytes()
+    monkeypatch.setattr(os, "fsync", enospc)  # the manifest's fsync: the last write
+    for out, force in ((tmp_path / "b", False), (old, True)):
+        with pytest.raises(OSError) as e:
+            make(out, force=force)
+        assert e.value.filename == str(out)  # a failed write() names no file: the artifact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no partial or old dirs
+    assert (old / "manifest.json").read_bytes() == before
+    open_artifact(old, "docs")
+
+
+def test_failed_final_rename_puts_the_old_artifact_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = make(tmp_path / "a")
+    before = (out / "manifest.json").read_bytes()
+    real = os.replace
+
+    def replace(src: Path, dst: Path) -> None:
+        if Path(src) == partial_dir(out):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        make(out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert (out / "manifest.json").read_bytes() == before
+    open_artifact(out, "docs")
+
+
+def test_disk_full_at_publish_keeps_training_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "ckpt"
+    kw = {"kind": "checkpoint", "command": "t", "config": {}, "resume": True}
+    monkeypatch.setattr(os, "fsync", enospc)
+    with pytest.raises(OSError), building(out, **kw) as art:  # type: ignore[arg-type]
+        (art.dir / "_state").mkdir()
+        (art.dir / "_state" / "state.json").write_text("{}")
+        (art.dir / "model.safetensors").write_bytes(b"weights")
+    assert (partial_dir(out) / "_state" / "state.json").read_text() == "{}"  # a rerun resumes
+    monkeypatch.undo()
+    with building(out, **kw) as art:  # type: ignore[arg-type]
+        assert (art.dir / "_state" / "state.json").exists()
+    assert sorted(open_artifact(out, "checkpoint").files) == ["model.safetensors"]
+    assert not (out / "_state").exists() and not partial_dir(out).exists()
 
 
 @pytest.mark.slow

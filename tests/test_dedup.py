@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from llmctl.artifacts import open_artifact
@@ -284,3 +286,34 @@ def test_verification_rejects_pairs_that_share_one_band_only() -> None:
     assert plan.similarity[2] == pytest.approx(107 / 112)
     loose = dd.plan_dedup(signed, **args, threshold=0.72, verify=False)
     assert loose.status.tolist() == [dd.KEPT, dd.NEAR, dd.NEAR]
+
+
+# Any text parse_raw lets through (no lone surrogates), with separators, digits and marks.
+ANY_TEXT = st.lists(
+    st.one_of(
+        st.text(st.characters(exclude_categories=["Cs"]), max_size=10),
+        st.sampled_from([" ", "\n", "\x00", "\u2028", "_", "3.14", "e\u0301", "İ", "ß", "!!"]),
+    ),
+    max_size=30,
+).map("".join)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(ANY_TEXT, max_size=5))
+def test_simplify_shingles_and_signatures_on_any_text(texts: list[str]) -> None:
+    simple = [dd.simplify(t) for t in texts]
+    assert [dd.simplify(s) for s in simple] == simple  # a fixed point: one space between words
+    hashes, doc = dd.shingle_hashes(simple, 5)
+    assert len(hashes) == len(doc)
+    words = [len(s.split()) for s in simple]
+    assert np.bincount(doc, minlength=len(texts)).tolist() == [
+        max(w - 4, 1) if w else 0 for w in words
+    ]
+    signed = dd.Signer(num_perm=16).sign(texts)
+    rechunked = dd.Signer(num_perm=16, chunk_bytes=8).sign(texts)
+    alone = [dd.Signer(num_perm=16).sign([t]) for t in texts]
+    for name in ("exact", "sig", "shingles"):
+        got = getattr(signed, name)
+        assert np.array_equal(got, getattr(rechunked, name)), name
+        for i, one in enumerate(alone):  # a document's signature ignores its neighbours
+            assert np.array_equal(got[i], getattr(one, name)[0]), name

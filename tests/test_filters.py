@@ -5,8 +5,10 @@ transcription of datatrove's code."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -536,3 +538,47 @@ def test_fast_paths_match_reference_on_generated_text(tokens: list[str], frac: f
 def test_sentence_counter() -> None:
     assert F.count_sentences("One here. Two here! Three? four. Mr. Smith came. e.g. This") == 4
     assert F.count_sentences("no end mark") == 1
+
+
+# --- any text (reliability.md D8) ------------------------------------------------------------
+
+# What parse_raw lets through: any str without lone surrogates (those are rejected there).
+NASTY = [
+    "\x00", "\x07", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\r", "\r\n", "\t", "\n\n",
+    "\ufeff", "\u200b", "\u00a0", "e\u0301", "\U0001f600", "\uffff", "***",
+    "*** START OF THE PROJECT GUTENBERG EBOOK X ***\n", "*** END OF THIS PROJECT GUTENBERG EBOOK",
+    "lorem ipsum", "{", "•", "...", "a@b.example", "8.8.8.8", "javascript",
+    "The cat sat on the mat. ",
+]  # fmt: skip
+ANY_TEXT = st.lists(
+    st.one_of(
+        st.text(st.characters(exclude_categories=["Cs"]), max_size=12), st.sampled_from(NASTY)
+    ),
+    max_size=40,
+).map("".join)
+# Characters normalize removes or rewrites (tab and newline stay).
+CONTROL = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]} - {"\t", "\n"}
+
+
+@functools.cache
+def full_chain() -> F.Chain:
+    from llmctl.commands.clean import CleanConfig
+
+    return F.build_chain(CleanConfig())
+
+
+@settings(max_examples=100, deadline=None)
+@given(ANY_TEXT)
+def test_every_step_and_the_chain_take_any_text(text: str) -> None:
+    chain = full_chain()
+    for step in chain.steps:  # each step on the raw text, so every step sees every input
+        reason = step(doc(text))
+        assert reason is None or (isinstance(reason, str) and reason), step.name
+    d = doc(text)
+    verdict = chain(d)
+    chain.take_counts()
+    if verdict is not None:
+        assert verdict[0] in F.STEPS and verdict[1]
+        return
+    assert d.text.strip() and not CONTROL & set(d.text)
+    assert unicodedata.is_normalized("NFC", d.text)

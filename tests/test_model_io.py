@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import struct
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from llmctl.model.gpt import GPT, GPTConfig, preset
@@ -128,3 +133,40 @@ def test_config_from_checkpoint_matches_dataclass(tmp_path: Path) -> None:
     cfg = GPTConfig(vocab_size=30, n_layer=1, n_head=2, d_model=16, pos="alibi", causal=False)
     save_checkpoint(tmp_path, GPT(cfg))
     assert load_config(tmp_path) == cfg
+
+
+def test_save_refuses_non_finite_weights(tmp_path: Path) -> None:
+    model = make_model()
+    with torch.no_grad():
+        model.blocks[1].mlp.up_proj.weight[0, 0] = float("inf")
+    message = r"tensor\(s\) blocks.1.mlp.up_proj.weight have NaN or infinite values"
+    with pytest.raises(ValueError, match=message):
+        save_checkpoint(tmp_path / "ckpt", model)
+    assert not (tmp_path / "ckpt").exists()  # refused before anything was written
+
+
+@functools.cache
+def _valid_files() -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(d, make_model(n_layer=1))
+        return {p.name: p.read_bytes() for p in Path(d).iterdir()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_load_of_a_mutated_file_loads_or_raises_value_error(data: st.DataObject) -> None:
+    """A short fuzz run (reliability.md C3): byte edits, mostly in the header, and cuts."""
+    files = _valid_files()
+    raw = bytearray(files["model.safetensors"])
+    parsed = 8 + struct.unpack("<Q", raw[:8])[0] + 64  # the header and the first tensor bytes
+    edits = st.tuples(st.integers(0, parsed - 1), st.integers(0, 255))
+    for pos, byte in data.draw(st.lists(edits, max_size=4)):
+        raw[pos] = byte
+    cut = data.draw(st.none() | st.integers(0, len(raw)))
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_bytes(files["config.json"])
+        (Path(d) / "model.safetensors").write_bytes(bytes(raw[:cut]))
+        try:
+            load_model(d)
+        except ValueError as e:
+            assert "model.safetensors: " in str(e)

@@ -198,3 +198,14 @@ def test_transformers_loads_the_same_ids_and_chat(tmp_path: Path) -> None:
             hf_ids = hf_ids["input_ids"] if hasattr(hf_ids, "keys") else list(hf_ids)
             assert hf_ids == encode(trained(), rendered)
             assert hf_ids[0] == 0 and hf_ids.count(7) == len(chat)
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused() -> None:
+    from llmctl.errors import UsageError
+    from llmctl.tokenizer import check_fits
+
+    tok = trained()
+    check_fits(tok, 512, "ckpt")  # equal, and a padded model vocabulary, are fine
+    check_fits(tok, 640, "ckpt")
+    with pytest.raises(UsageError, match="ckpt: tokenizer has 512 tokens but the model embeds"):
+        check_fits(tok, 511, "ckpt")

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmctl.artifacts import building
 from llmctl.data.tokens import (
+    HEADER,
     HEADER_BYTES,
+    MAGIC,
     ShardWriter,
     TokenStream,
     read_header,
@@ -163,3 +168,34 @@ def test_stream_errors_name_the_problem(tmp_path: Path) -> None:
     (art / "train-00000.bin").write_bytes(b"LLMTOK")
     with pytest.raises(UsageError, match="size differs from the manifest"):
         TokenStream(art, "train", batch_size=1, seq_len=10)
+
+
+# Headers with every field drawn near its valid values, so the fuzz reaches each check.
+HEADERS = st.builds(
+    lambda *f: HEADER.pack(MAGIC, *f),
+    st.sampled_from([0, 1, 2]),
+    st.sampled_from([0, 1, 2, 4, 8]),
+    st.integers(0, 40) | st.integers(0, 2**64 - 1),
+    st.sampled_from([0, 1, 255, 65536, 65537, 2**32 - 1]),
+    st.integers(0, 2) | st.integers(0, 2**32 - 1),
+    st.integers(0, 2**64 - 1),
+    st.binary(min_size=8, max_size=8),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(st.binary(max_size=100), st.tuples(HEADERS, st.binary(max_size=80))))
+def test_any_bytes_read_as_a_shard_or_raise_usage_error(data: bytes | tuple[bytes, bytes]) -> None:
+    raw = data if isinstance(data, bytes) else data[0] + data[1]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "train-00000.bin"
+        path.write_bytes(raw)
+        try:
+            tokens = read_shard(path)
+        except UsageError as e:
+            assert str(e).startswith(f"{path}: ")
+            return
+        h = read_header(path)
+        assert tokens.dtype == h.dtype and len(tokens) == h.count
+        assert len(raw) == HEADER_BYTES + h.count * h.itemsize
+        del tokens  # the memory map, before the directory goes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,31 @@ def test_non_finite_loss_stops_before_the_step(tmp_path: Path) -> None:
         for name, p in model.named_parameters():
             assert torch.equal(p, f.get_tensor(f"model/{name}")), name
     assert len(losses(tmp_path)) == 3
+
+
+def test_loss_spike_warns_with_the_step_and_training_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Spiky(NextToken):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, *a, **k) -> LossOutput:
+            out = super().__call__(*a, **k)
+            self.calls += 1
+            if self.calls == 4:  # step 4: 50 × the loss (clipping bounds the gradient)
+                out.total = out.total * 50
+            return out
+
+    cfg = TrainConfig(steps=6, lr=3e-3, warmup=2, log_every=1, save_every=0)
+    result = train(tiny_model(), StepBatches(windows(4, 33)), Spiky(), cfg, Writer(tmp_path, {}))
+    err = " ".join(capsys.readouterr().err.split())
+    pattern = r"warning: step 4: loss spike: [\d.]+ is over 10× the largest of the last 3 steps"
+    assert re.search(pattern, err), err
+    assert err.count("loss spike") == 1
+    got = losses(tmp_path)
+    assert result.steps == 6 and len(got) == 6 and all(math.isfinite(x) for x in got)
+    assert got[3] > 10 * max(got[:3]) and max(got[4:]) < max(got[:3])
 
 
 def test_huge_lr_diverges_and_stops(tmp_path: Path) -> None:

@@ -130,17 +130,16 @@ class Builder:
 
     def _files(self) -> dict[str, dict[str, Any]]:
         files = {}
+        # A resumed build may hold the .tmp of a manifest whose write failed (disk full).
+        own = (MANIFEST, MANIFEST + ".tmp")
         for p in sorted(self.dir.rglob("*")):
             rel = p.relative_to(self.dir).as_posix()
-            if p.is_file() and rel != MANIFEST and not rel.startswith("_state/"):
+            if p.is_file() and rel not in own and not rel.startswith("_state/"):
                 files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         return files
 
     def publish(self, force: bool) -> Manifest:
         """Write the manifest last, then move the directory into place in one rename."""
-        state = self.dir / "_state"  # in-progress training state never ships
-        if state.exists():
-            shutil.rmtree(state)
         files = self._files()
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         data = {
@@ -163,13 +162,23 @@ class Builder:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / MANIFEST)
+        # In-progress training state never ships. It goes only now, so that a failure while
+        # writing the manifest (disk full) leaves a partial directory that still resumes.
+        state = self.dir / "_state"
+        if state.exists():
+            shutil.rmtree(state)
         old = None
         if self.out.exists():
             if not force:
                 raise UsageError(f"{self.out}: already exists (use --force to replace it)")
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             os.replace(self.out, old)
-        os.replace(self.dir, self.out)
+        try:
+            os.replace(self.dir, self.out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, self.out)  # the previous artifact goes back in place
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return Manifest(path=self.out, data=data)
@@ -232,8 +241,11 @@ def building(
     )
     try:
         yield b
-    except BaseException:
+        b.publish(force=force)  # inside the try: a failed publish leaves nothing behind either
+    except BaseException as e:
         if not resume:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:
+            # A failed write() (ENOSPC, EIO) names no file; say which artifact it was building.
+            e.filename = str(out)
         raise
-    b.publish(force=force)

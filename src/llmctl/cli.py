@@ -2,12 +2,14 @@
 
 Each function turns its options into the command's config dataclass (defaults < `--config`
 TOML < typed options < `--set key=value`) and calls `llmctl.commands.<verb>.run`. This is the
-only module that imports typer. Exit codes: 0 done, 2 bad input or config, 1 internal error.
+only module that imports typer. Exit codes: 0 done, 2 bad input or config, 1 an OS error
+(disk full, permission denied; one line naming the path) or an internal error.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmctl import __version__
@@ -57,7 +60,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def command(fn: F) -> F:
-    """Register a subcommand that maps UsageError to exit 2 with one clear line."""
+    """Register a subcommand that maps UsageError to exit 2 and OSError to exit 1, each with
+    one clear line."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -65,8 +69,20 @@ def command(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UsageError as e:
-            console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            # escape: a path such as data/[abc]/x.jsonl is text, not rich markup
+            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(2) from None
+        except BrokenPipeError:
+            # `llmctl generate ... | head`: the reader left; stop quietly, as Unix tools do.
+            # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives until exit)
+            raise typer.Exit(141) from None
+        except OSError as e:
+            # Disk full, permission denied, I/O error: the environment, not a bug, so one line
+            # naming the path and no traceback (a failed build has removed its partial output).
+            msg = f"{e.filename}: {e.strerror or e}" if e.filename else (e.strerror or str(e))
+            console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None

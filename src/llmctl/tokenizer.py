@@ -129,6 +129,15 @@ def check_special_tokens(tok: Tokenizer, where: str) -> None:
             )
 
 
+def check_fits(tok: Tokenizer, vocab_size: int, where: str) -> None:
+    """Raise UsageError when the tokenizer can emit ids the model has no embedding row for."""
+    if tok.get_vocab_size() > vocab_size:
+        raise UsageError(
+            f"{where}: tokenizer has {tok.get_vocab_size()} tokens but the model embeds only "
+            f"{vocab_size}; they were not built together"
+        )
+
+
 def plain_text_tokenizer(tok: Tokenizer) -> Tokenizer:
     """A copy of `tok` that encodes special-token strings found in text as ordinary text."""
     copy = Tokenizer.from_str(tok.to_str())

@@ -130,7 +130,7 @@ def _token_stream(data: list[Path], checkpoint: Path, tok: Any, cfg: EvalConfig)
 def run(checkpoint: Path, data: list[Path], cfg: EvalConfig, as_json: bool = False) -> dict:
     """Score `checkpoint` on `data`; print a table (and JSON on stdout with `as_json`)."""
     from llmctl.model.io import load_model
-    from llmctl.tokenizer import SPECIAL_TOKENS, load_tokenizer
+    from llmctl.tokenizer import SPECIAL_TOKENS, check_fits, load_tokenizer
     from llmctl.train.distributed import pick_device
 
     open_artifact(checkpoint, "checkpoint")
@@ -139,6 +139,7 @@ def run(checkpoint: Path, data: list[Path], cfg: EvalConfig, as_json: bool = Fal
         model = load_model(checkpoint, device=pick_device(cfg.device))
     except ValueError as e:
         raise UsageError(str(e)) from e
+    check_fits(tok, model.config.vocab_size, str(checkpoint))
     if not model.config.causal:
         raise UsageError(f"{checkpoint}: a bidirectional (masked-LM) model has no next-token loss")
     seq_len = cfg.seq_len or model.config.max_seq_len

@@ -105,7 +105,7 @@ def _load(cfg: GenerateConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any]:
     """(model, tokenizer, checkpoint manifest, draft model or None)."""
     from llmctl.model.adapter import merge_adapter
     from llmctl.model.io import load_model
-    from llmctl.tokenizer import load_tokenizer
+    from llmctl.tokenizer import check_fits, load_tokenizer
 
     ckpt = open_artifact(checkpoint, "checkpoint")
     device = cfg.device
@@ -134,7 +134,9 @@ def _load(cfg: GenerateConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any]:
         raise UsageError(str(e)) from None
     if dtype is not None:
         model.to(dtype)
-    return model, load_tokenizer(checkpoint), ckpt, draft
+    tok = load_tokenizer(checkpoint)
+    check_fits(tok, model.config.vocab_size, str(checkpoint))
+    return model, tok, ckpt, draft
 
 
 def decode_dtype(name: str, device: str) -> torch.dtype | None:

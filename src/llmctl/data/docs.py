@@ -263,6 +263,12 @@ def _valid_text(text: str) -> bool:
     return True
 
 
+def _to_json(record: dict[str, Any]) -> str:
+    """A record as one JSON line's text; values JSON has no type for (parquet timestamps,
+    decimals, bytes) become their str()."""
+    return json.dumps(record, ensure_ascii=False, default=str)
+
+
 # Fields that are ours and must not be copied from an input record into `meta`.
 _OWN = {"id", "text", "source"}
 
@@ -291,6 +297,12 @@ def parse_raw(raw: Raw, opts: ReadOptions) -> Doc | BadRecord:
         except json.JSONDecodeError as e:
             excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
             return BadRecord(raw.file, raw.line, "bad_json", f"{e.msg}: {excerpt}")
+        except (RecursionError, ValueError) as e:
+            # Valid syntax the decoder still refuses: nesting deeper than its recursion limit
+            # ("[[[[..." in one short line), an integer of more than 4,300 digits.
+            what = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+            excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
+            return BadRecord(raw.file, raw.line, "bad_json", f"{what}: {excerpt}")
     else:
         rec = raw.payload
     if not isinstance(rec, dict):
@@ -306,6 +318,15 @@ def parse_raw(raw: Raw, opts: ReadOptions) -> Doc | BadRecord:
             raw.line,
             "lone_surrogate",
             text[:EXCERPT_CHARS].encode("utf-8", "replace").decode(),
+        )
+    # Stages write the other fields back out as UTF-8 JSON: a lone surrogate in any of them
+    # (a key too) would fail there, far from this line.
+    rest = {k: v for k, v in rec.items() if k != opts.text_field}
+    if rest and not _valid_text(_to_json(rest)):
+        bad = [k for k, v in rest.items() if not _valid_text(_to_json({k: v}))]
+        where = f"in field(s) {', '.join(bad)}"[:EXCERPT_CHARS]
+        return BadRecord(
+            raw.file, raw.line, "lone_surrogate", where.encode("utf-8", "replace").decode()
         )
     doc_id = rec.get("id")
     if not isinstance(doc_id, str | int) or isinstance(doc_id, bool) or doc_id == "":
@@ -340,7 +361,7 @@ class ShardWriter:
         self._size = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (_to_json(record) + "\n").encode("utf-8")
         if self._size and self._size + len(line) > self.shard_bytes:
             self._close_current()
             self._open()

@@ -49,13 +49,19 @@ def save_checkpoint(
 ) -> Path:
     """Write `model.safetensors` and `config.json` into `dir` (created if needed), plus each
     `extra_files` entry: name -> a file to copy or the bytes to write. Returns `dir`.
+    Refuses (ValueError) a model with non-finite weights, before writing anything.
     The caller makes the directory's publication atomic (see artifacts.py)."""
     out = Path(dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in _saved_state(model).items()}
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) != 1:
         raise ValueError(f"save_checkpoint: model mixes dtypes {sorted(map(str, dtypes))}")
+    # safetensors stores NaN/Inf without complaint; a model that holds them is broken, and
+    # load_model would refuse it later, far from the cause. Checked before anything is written.
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"save_checkpoint: tensor(s) {', '.join(bad)} have NaN or infinite values")
+    out.mkdir(parents=True, exist_ok=True)
     for name, src in (extra_files or {}).items():
         if name in (WEIGHTS_FILE, CONFIG_FILE) or Path(name).name != name:
             raise ValueError(f"save_checkpoint: bad extra file name {name!r}")

@@ -4,11 +4,11 @@
 Per optimizer step it runs `grad_accum` micro-batches (forward under bf16 autocast on CUDA, fp32
 on CPU), sums the objective's loss over them and over ranks, divides the gradients by the total
 item count (so any split of the batch gives the same step), checks the loss and the pre-clip
-gradient norm are finite *before* touching the weights, clips, and steps AdamW at the
-scheduled LR. It logs to `metrics.jsonl`, evaluates every `eval_every` steps, and saves its
-whole state (weights, optimizer, every generator, the batch cursor, counters) every
-`save_every` steps into `writer.state_dir`, atomically. Calling it again with the same writer
-resumes from that state and continues bit for bit; a different config is refused.
+gradient norm are finite *before* touching the weights (and warns on a loss spike), clips, and
+steps AdamW at the scheduled LR. It logs to `metrics.jsonl`, evaluates every `eval_every` steps,
+and saves its whole state (weights, optimizer, every generator, the batch cursor, counters)
+every `save_every` steps into `writer.state_dir`, atomically. Calling it again with the same
+writer resumes from that state and continues bit for bit; a different config is refused.
 
 Example:
     writer = Writer(art.dir, fingerprint=to_dict(cfg))
@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from llmctl.errors import UsageError
-from llmctl.runtime import info, progress
+from llmctl.runtime import info, progress, warn
 from llmctl.train import distributed
 from llmctl.train.objectives import Objective
 from llmctl.train.optim import Schedule, build_optimizer, set_lr
@@ -49,6 +50,10 @@ from llmctl.train.state import (
 )
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+# A step loss above SPIKE_FACTOR × the largest of the last SPIKE_WINDOW step losses is reported
+# (not fatal): Megatron's SPIKY_LOSS_FACTOR. Often a bad batch or an LR too high for the data.
+SPIKE_FACTOR = 10.0
+SPIKE_WINDOW = 100
 
 # Dense bf16 peak FLOP/s by device name (substring match, most specific first). The 2:4-sparse
 # figures NVIDIA also quotes are twice these and are not what a dense matmul can reach.
@@ -335,6 +340,7 @@ def train(
     timed_steps, run_tokens, run_time = 0, 0, 0.0
     tokens_per_s = mfu = None
     A, W = cfg.grad_accum, world.size
+    recent: deque[float] = deque(maxlen=SPIKE_WINDOW)  # step losses, for the spike warning
 
     with _Signals() as signals, _progress(world.main, cfg.steps - start) as bar:
         for step in range(start, cfg.steps):
@@ -358,6 +364,12 @@ def train(
             loss = total / count if count else math.nan
             if not math.isfinite(loss):
                 _stop(step, f"loss is {loss}", saved_step, writer)
+            if world.main and recent and loss > SPIKE_FACTOR * max(recent) > 0:
+                warn(
+                    f"step {step + 1:,}: loss spike: {loss:.4g} is over {SPIKE_FACTOR:g}× the "
+                    f"largest of the last {len(recent)} steps ({max(recent):.4g}); continuing"
+                )
+            recent.append(loss)
             # DDP/FSDP average gradients over ranks; make them d(sum of losses)/d(w) / count.
             grads = [p.grad for p in params if p.grad is not None]
             torch._foreach_mul_(grads, W / count)
@@ -480,8 +492,6 @@ def _stop_requested(signals: _Signals, world: distributed.World) -> bool:
 
 
 def _interrupted(signum: int, step: int, writer: Writer) -> None:
-    from llmctl.runtime import warn
-
     name = signal.Signals(signum).name
     warn(f"{name} at step {step:,}: state saved in {writer.state_dir}; rerun to resume")
     if signum == signal.SIGINT:
