@@ -215,6 +215,33 @@ def test_tied_embeddings_share_storage() -> None:
     )
 
 
+def test_logits_to_keep_is_the_tail_of_the_full_logits() -> None:
+    model = build()
+    idx = tokens(2, 9)
+    full = model(idx)
+    torch.testing.assert_close(model(idx, logits_to_keep=1), full[:, -1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(idx, logits_to_keep=3), full[:, -3:], rtol=0, atol=1e-6)
+
+
+def test_decode_layout_changes_memory_order_only() -> None:
+    model = build(bias=True, norm="layernorm", mlp="gelu")
+    idx = tokens(2, 9)
+    before, state = model(idx), {k: v.clone() for k, v in model.state_dict().items()}
+    model.use_decode_layout(1)
+    w = model.blocks[0].attn.q_proj.weight
+    assert w.shape == (32, 32) and w.t().is_contiguous()  # float32 CPU: [in, out] in memory
+    assert model.lm_head.weight is model.tok_emb.weight  # still tied
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(idx), before, rtol=0, atol=1e-5)
+    model.train()(idx).sum().backward()  # still an ordinary, trainable model
+    assert w.grad is not None and w.grad.shape == w.shape
+    model.use_decode_layout(8)  # batched: GEMMs, row-major again
+    assert w.is_contiguous()
+    model.use_decode_layout(1)
+    model.to(torch.bfloat16).use_decode_layout(1)  # oneDNN prefers row-major bfloat16
+    assert model.blocks[0].attn.q_proj.weight.is_contiguous()
+
+
 def test_init_std() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=1000, n_layer=8, n_head=4, d_model=256, bias=True))

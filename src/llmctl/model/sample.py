@@ -364,6 +364,7 @@ class Runner:
         self.padded = any(len(p) != width for p in prompts)
         self.cache = model.make_cache(n, width + extra) if use_cache else None
         self.length = 0
+        model.use_decode_layout(n)  # 1-2 rows in float32 on CPU: 1.2-1.3x faster GEMVs
 
     def _mask(self, length: int) -> torch.Tensor | None:
         return self.mask[:, :length] if self.padded else None
@@ -371,7 +372,9 @@ class Runner:
     def prefill(self) -> torch.Tensor:
         """Logits [N, V] after the prompts."""
         width = self.ids.shape[1]
-        logits = self.model(self.ids, attention_mask=self._mask(width), cache=self.cache)
+        logits = self.model(
+            self.ids, attention_mask=self._mask(width), cache=self.cache, logits_to_keep=1
+        )
         self.length = width
         return logits[:, -1].float()
 
@@ -382,7 +385,7 @@ class Runner:
             logits = self.model(tokens, attention_mask=self._mask(end), cache=self.cache)
         else:
             self.ids = torch.cat([self.ids, tokens], dim=1)
-            logits = self.model(self.ids, attention_mask=self._mask(end))[:, -T:]
+            logits = self.model(self.ids, attention_mask=self._mask(end), logits_to_keep=T)
         self.length = end
         return logits.float()
 
