@@ -187,11 +187,13 @@ def test_mlm_pretrain_and_causal_model_refused(tokens: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_with_double_accumulation(
-    tokens: Path, tmp_path: Path
+    tokens: Path, tmp_path: Path, strategy: str
 ) -> None:
     args = ["pretrain", str(tokens), *TINY, "-q", "--steps", "6", "--set", "warmup=2",
-            "--set", "log_every=1", "--set", "eval_every=0"]  # fmt: skip
+            "--set", "log_every=1", "--set", "eval_every=0",
+            "--set", f"distributed.strategy={strategy}"]  # fmt: skip
     one = tmp_path / "one"
     res = subprocess.run([str(BIN / "llmctl"), *args, "--out", str(one), "--set", "grad_accum=2"],
                          capture_output=True, env=ENV)  # fmt: skip
