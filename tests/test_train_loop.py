@@ -284,3 +284,34 @@ def test_activation_checkpointing_gives_the_same_run(tmp_path: Path) -> None:
     assert ckpt.gradient_checkpointing and losses(d1) == pytest.approx(losses(d2), abs=1e-6)
     for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_weights_made_non_finite_by_a_step_are_never_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: an optimizer step that overflows one weight while loss and gradients
+    stay finite. The state saved before it must survive; the bad weights must not be saved."""
+    import llmctl.train.loop as loop
+
+    real = loop.build_optimizer
+
+    def overflowing(*args, **kwargs):  # the 3rd step writes inf into one weight
+        opt = real(*args, **kwargs)
+        step, calls = opt.step, []
+
+        def bad_step(*a, **k):
+            out = step(*a, **k)
+            calls.append(1)
+            if len(calls) == 3:
+                opt.param_groups[0]["params"][0].data[0, 0] = math.inf
+            return out
+
+        opt.step = bad_step
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", overflowing)
+    cfg = TrainConfig(steps=6, lr=1e-3, warmup=1, log_every=1, save_every=1)
+    writer = Writer(tmp_path, {})
+    with pytest.raises(NonFiniteLoss, match=r"step 3: the optimizer step made 1 parameter"):
+        train(tiny_model(), StepBatches(windows(4, 33)), NextToken(), cfg, writer)
+    assert sorted(p.name for p in writer.state_dir.iterdir()) == ["step-00000002"]

@@ -320,6 +320,17 @@ def train(
 
     def save(step: int) -> None:
         nonlocal saved_step
+        # A step whose loss and gradients were finite can still overflow the weights (a huge
+        # lr): such weights must never replace the last good state.
+        bad = sum(not bool(torch.isfinite(_local(p)).all()) for p in params)
+        flag = torch.tensor([float(bad)], dtype=torch.float64, device=device)
+        distributed.all_reduce_sum(flag)
+        if flag.item():
+            kept = f"step {saved_step:,}" if saved_step is not None else "none saved yet"
+            raise NonFiniteLoss(
+                f"step {step:,}: the optimizer step made {bad} parameter tensors non-finite; "
+                f"they were not saved (last good state: {kept}, in {writer.state_dir})"
+            )
         ranks = distributed.gather_json(
             {"rng": rng_state(), "batches": batches.state_dict()}, device
         )
@@ -469,6 +480,11 @@ def _eval(
     writer.log({"step": step, "val_loss": loss, "val_items": n})
     if writer.main:
         info(f"step {step:,}: val loss {loss:.4f}")
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (FSDP2 parameters are DTensors)."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _stop(step: int, what: str, saved_step: int | None, writer: Writer) -> None:
