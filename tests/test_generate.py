@@ -134,6 +134,9 @@ def test_bad_prompt_files_and_options_are_clear_errors(ckpts: Ckpts, tmp_path: P
     bad.write_text('{"prompt": "ok"}\n{oops\n')
     r = llmctl("generate", ckpts.model, "--prompts", bad)
     assert r.exit_code == 2 and f"{bad}:2: not valid JSON" in r.output
+    bad.write_text('{"prompt": "ok"}\n' + "[" * 100_000 + "\n")
+    r = llmctl("generate", ckpts.model, "--prompts", bad)
+    assert r.exit_code == 2 and f"{bad}:2: not usable JSON (RecursionError)" in r.output
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     r = llmctl("generate", ckpts.model, "--prompts", empty)

@@ -86,6 +86,8 @@ def read_prompts(path: Path) -> list[tuple[str, str | list[dict[str, str]]]]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+                except (RecursionError, ValueError) as e:  # absurd nesting, 4300+ digit ints
+                    raise UsageError(f"{where}: not usable JSON ({type(e).__name__})") from None
                 if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
                     out.append((where, rec["prompt"]))
                 elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
