@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from llmctl.artifacts import open_artifact
@@ -26,14 +25,7 @@ BIN = Path(sys.executable).parent
 TINY = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and shared CI cores lose a lot
-    to spinning threads; subprocesses get OMP_NUM_THREADS=1 to match (same numerics)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 runner = CliRunner()

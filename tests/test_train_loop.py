@@ -20,15 +20,7 @@ from llmctl.train.objectives import IGNORE, LossOutput, MaskedLM, NextToken
 from llmctl.train.optim import Schedule, build_optimizer, param_groups
 from llmctl.train.state import TENSORS, config_diff, latest
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and shared CI cores lose a lot
-    to spinning threads; subprocesses get OMP_NUM_THREADS=1 to match (same numerics)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VOCAB = 256

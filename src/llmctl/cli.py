@@ -54,6 +54,9 @@ WorkersOpt = Annotated[
 StrictOpt = Annotated[
     bool, typer.Option("--strict", help="Fail at the first malformed record (exit 2).")
 ]
+TextFieldOpt = Annotated[
+    str | None, typer.Option("--text-field", help="JSON/parquet field holding the text.")
+]
 InputsArg = Annotated[list[Path] | None, typer.Argument(help="Input files, folders or artifacts.")]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -153,9 +156,7 @@ def _opt(flag: str, help: str, tp: Any = int) -> Any:
 def clean(
     inputs: InputsArg = None,
     out: OutOpt = None,
-    text_field: Annotated[
-        str | None, typer.Option("--text-field", help="JSON/parquet field holding the text.")
-    ] = None,
+    text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
@@ -194,9 +195,7 @@ def dedup(
             "13-gram with them; repeatable.",
         ),
     ] = None,
-    text_field: Annotated[
-        str | None, typer.Option("--text-field", help="JSON/parquet field holding the text.")
-    ] = None,
+    text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
@@ -243,9 +242,7 @@ def tokenize(
     shard_tokens: Annotated[
         int | None, typer.Option("--shard-tokens", help="Most tokens per shard file.")
     ] = None,
-    text_field: Annotated[
-        str | None, typer.Option("--text-field", help="JSON/parquet field holding the text.")
-    ] = None,
+    text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
@@ -322,7 +319,7 @@ def eval(
     seq_len: _opt("--seq-len", "Context per window (default: the model's).") = None,
     max_tokens: _opt("--max-tokens", "Score at most this many tokens.") = None,
     device: _opt("--device", "auto, cpu or cuda.", str) = None,
-    text_field: _opt("--text-field", "JSON/parquet field holding the text.", str) = None,
+    text_field: TextFieldOpt = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     show_config: ShowOpt = False,
