@@ -241,7 +241,7 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
                 raise UsageError(f"{items[start][0]}: the prompt has no <|mask|> token to fill")
             results = [[]]
             for s in range(cfg.num_samples):
-                gen = sample.row_generator(seed or 0, start, s, model.tok_emb.weight.device)
+                gen = sample.row_generator(seed or 0, start, s, model.norm_f.weight.device)
                 filled = sample.fill_masks(model, batch[0], MASK_ID, params, generator=gen,
                                            banned_ids=range(len(SPECIAL_TOKENS)))  # fmt: skip
                 text = decode(tok, filled[1:] if filled[0] == EOS_ID else filled)

@@ -443,7 +443,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"cache max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
-        weight = self.tok_emb.weight
+        weight = self.norm_f.weight  # a float tensor also when the embedding is quantized
         return KVCache(
             self.config.n_layer,
             batch_size,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,34 @@ MODEL_TYPE = "llmctl-gpt"
 ARCHITECTURES = ["LlmctlGPT"]
 _META_KEYS = ("model_type", "architectures", "dtype")
 
+# config.json blocks that change the model's modules (e.g. "quantization"): key -> a function
+# that swaps modules on the freshly built meta model before the weights are loaded. The
+# quantized model keeps the block as an attribute of the same name, which save_checkpoint
+# writes back.
+_SWAPS: dict[str, Callable[[GPT, dict[str, Any]], None]] = {}
+
+
+def register_swap(key: str, fn: Callable[[GPT, dict[str, Any]], None]) -> None:
+    """Let config.json's `key` block rebuild modules of the meta model before loading."""
+    _SWAPS[key] = fn
+
+
+def _register_builtin_swaps() -> None:
+    if "quantization" not in _SWAPS:
+        from llmctl.model.quant import apply_quantization
+
+        register_swap("quantization", apply_quantization)
+
+
+def _fixed_dtype_names(model: GPT) -> set[str]:
+    """Tensors whose dtype is part of the format (int8 weights, float16 int4 scales), not the
+    checkpoint's float dtype: modules list them in `fixed_dtypes`."""
+    names = set()
+    for prefix, module in model.named_modules():
+        for t in getattr(module, "fixed_dtypes", ()):
+            names.add(f"{prefix}.{t}" if prefix else t)
+    return names
+
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
@@ -40,7 +69,7 @@ def _saved_state(model: GPT) -> dict[str, torch.Tensor]:
     # storage, and HF stores the tie once too, so it is dropped here and re-tied on load.
     state = model.state_dict()
     if model.config.tie_embeddings:
-        del state["lm_head.weight"]
+        state.pop("lm_head.weight", None)  # a quantized tied head owns no tensors
     return state
 
 
@@ -52,8 +81,10 @@ def save_checkpoint(
     Refuses (ValueError) a model with non-finite weights, before writing anything.
     The caller makes the directory's publication atomic (see artifacts.py)."""
     out = Path(dir)
+    _register_builtin_swaps()
     state = {k: v.detach().contiguous().cpu() for k, v in _saved_state(model).items()}
-    dtypes = {t.dtype for t in state.values()}
+    fixed = _fixed_dtype_names(model)
+    dtypes = {t.dtype for k, t in state.items() if k not in fixed}
     if len(dtypes) != 1:
         raise ValueError(f"save_checkpoint: model mixes dtypes {sorted(map(str, dtypes))}")
     # safetensors stores NaN/Inf without complaint; a model that holds them is broken, and
@@ -79,6 +110,10 @@ def save_checkpoint(
         "architectures": ARCHITECTURES,
         "dtype": _dtype_name(dtypes.pop()),
     }
+    for key in _SWAPS:
+        block = getattr(model, key, None)
+        if block is not None:
+            config[key] = block
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -100,8 +135,10 @@ def load_config(dir: str | Path) -> GPTConfig:
     """The GPTConfig stored in `dir/config.json`; ValueError naming the file if it is bad."""
     path = Path(dir) / CONFIG_FILE
     data = _read_config(Path(dir))
+    _register_builtin_swaps()
+    skip = (*_META_KEYS, *_SWAPS)
     try:
-        return GPTConfig.from_dict({k: v for k, v in data.items() if k not in _META_KEYS})
+        return GPTConfig.from_dict({k: v for k, v in data.items() if k not in skip})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -114,11 +151,22 @@ def load_model(
     wrongly typed or non-finite tensor."""
     dir = Path(dir)
     config = load_config(dir)
-    saved_dtype = _read_config(dir).get("dtype")
+    data = _read_config(dir)
+    saved_dtype = data.get("dtype")
     path = dir / WEIGHTS_FILE
     with torch.device("meta"):
         model = GPT(config)
-    expected = {k: (tuple(v.shape), saved_dtype) for k, v in _saved_state(model).items()}
+        for key, swap in _SWAPS.items():
+            if key in data:
+                try:
+                    swap(model, data[key])
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{dir / CONFIG_FILE}: {e}") from None
+    fixed = _fixed_dtype_names(model)
+    expected = {
+        k: (tuple(v.shape), _dtype_name(v.dtype) if k in fixed else saved_dtype)
+        for k, v in _saved_state(model).items()
+    }
     state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -148,6 +196,6 @@ def load_model(
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
+    if config.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.tok_emb.weight
     return model.to(device=device, dtype=dtype).eval()

@@ -352,7 +352,7 @@ class Runner:
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("every prompt needs at least one token")
         self.model = model
-        device = model.tok_emb.weight.device
+        device = model.norm_f.weight.device
         n, width = len(prompts), max(len(p) for p in prompts)
         self.ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
         # one mask buffer for the whole run; sliced per step (True = real token)
@@ -668,7 +668,7 @@ def generate(
     gens = None
     if params.do_sample:
         seed = 0 if params.seed is None else params.seed
-        device = model.tok_emb.weight.device
+        device = model.norm_f.weight.device
         gens = [row_generator(seed, first_index + i // S, i % S, device) for i in range(len(rows))]
     if draft is not None:
         for i, prompt in enumerate(rows):  # speculation runs one row at a time
@@ -714,7 +714,7 @@ def stream(
     gen = None
     if params.do_sample:
         seed = 0 if params.seed is None else params.seed
-        gen = row_generator(seed, index, sample, model.tok_emb.weight.device)
+        gen = row_generator(seed, index, sample, model.norm_f.weight.device)
     if draft is not None:
         steps = _speculative_steps(model, draft, prompt, params, stops, comp, gen, pad_id)
     else:
@@ -745,7 +745,7 @@ def fill_masks(
     never filled in. Returns the filled ids."""
     if model.config.causal:
         raise ValueError("fill_masks needs a masked-LM (causal=False) model")
-    x = torch.tensor([list(ids)], dtype=torch.long, device=model.tok_emb.weight.device)
+    x = torch.tensor([list(ids)], dtype=torch.long, device=model.norm_f.weight.device)
     todo = (x[0] == mask_id).nonzero().flatten().tolist()
     if not todo:
         raise ValueError("the prompt has no mask token to fill")
