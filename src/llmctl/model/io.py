@@ -190,6 +190,11 @@ def load_model(
                     )
                 if not torch.isfinite(tensor).all():
                     raise ValueError(f"{path}: tensor {name} has NaN or infinite values")
+                if name in fixed and tensor.data_ptr() % 64:
+                    # torch's int8/int4 CPU kernels assume 64-byte aligned weights (an
+                    # unaligned int8 table segfaults _weight_int8pack_mm in bf16 for >= 4
+                    # rows); tensors read from the file can start anywhere.
+                    tensor = tensor.clone()
                 state[name] = tensor
     except FileNotFoundError:
         raise ValueError(f"{path}: not found") from None

@@ -433,7 +433,7 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, Int4Linear):
-            how = "per-channel" if m.group == m.in_features else f"group {m.group}"
+            how = f"group {m.group}"
             rows.append({"module": name, "kind": "int4", "shape": [m.out_features,
                          m.in_features], "group": m.group, "how": how})  # fmt: skip
         elif isinstance(m, Int8Linear):
