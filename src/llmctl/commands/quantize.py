@@ -371,6 +371,7 @@ def run(
             "method": block["method"] if cfg.method != "qat" else f"qat → {block['method']}",
             "eval_data": eval_source,
             "eval_tokens": None if ids is None else len(ids),
+            "eval_seq_len": seq_len,
             "decode_dtype": dtype_name,
             "decode_threads": torch.get_num_threads(),
             "before": {"file_bytes": size_before, **before},

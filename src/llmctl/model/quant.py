@@ -131,6 +131,13 @@ def int4_group(width: int, group_size: int) -> int:
     return g if g * 2 >= group_size else width
 
 
+def _fp16_up(x: torch.Tensor) -> torch.Tensor:
+    """float16 of `x` rounded up, so the grid still spans the group's range: every weight is
+    then within half a step of its code."""
+    h = x.half()
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+
+
 def int4_qparams(
     w: torch.Tensor, group: int, zero_point: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -139,11 +146,10 @@ def int4_qparams(
     if zero_point:
         lo = g.amin(-1).clamp(max=0)
         hi = g.amax(-1).clamp(min=0)
-        scale = ((hi - lo) / 15.0).clamp(min=_FP16_TINY).half()
+        scale = _fp16_up(((hi - lo) / 15.0).clamp(min=_FP16_TINY))
         zero = torch.round(-lo / scale.float()).clamp(0, 15).to(torch.uint8)
         return scale, zero
-    scale = (g.abs().amax(-1) / 7.5).clamp(min=_FP16_TINY).half()
-    return scale, None
+    return _fp16_up((g.abs().amax(-1) / 7.5).clamp(min=_FP16_TINY)), None
 
 
 def int4_codes(
@@ -307,7 +313,10 @@ class Int4Linear(nn.Module):
         return int4_dequantize(codes, self.scale, self.zero, self.group)
 
     def _kernel_args(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # the kernel's limits: groups 32/64/128/256, outputs a multiple of 16
         if self.group not in KERNEL_GROUPS or self.in_features % self.group:
+            return None
+        if self.out_features % 16:
             return None
         key = (self.qweight.data_ptr(), dtype)
         if key not in self._kernel:
