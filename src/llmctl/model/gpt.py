@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "relative")
+HEADS = ("lm", "score")
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
@@ -35,7 +36,9 @@ _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 class GPTConfig:
     """Architecture of a GPT. `n_kv_head=None` means n_head (plain multi-head attention);
     `d_ff=None` means 4 * d_model. `rel_buckets` and `rel_max_distance` only matter for
-    `pos="relative"`. Example: `GPTConfig(vocab_size=256, n_layer=2, n_head=4, d_model=64)`."""
+    `pos="relative"`. `head="score"` replaces the lm head by a scalar `score` head [1, d]
+    (a reward model, as transformers' *ForSequenceClassification with one label).
+    Example: `GPTConfig(vocab_size=256, n_layer=2, n_head=4, d_model=64)`."""
 
     vocab_size: int
     n_layer: int
@@ -55,6 +58,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     rel_buckets: int = 32
     rel_max_distance: int = 128
+    head: str = "lm"
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -80,7 +84,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len < 1:
             raise ValueError(f"GPTConfig.max_seq_len must be >= 1, got {self.max_seq_len}")
-        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
+        checks = (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS), ("head", HEADS))
+        for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"GPTConfig.{name} must be one of {', '.join(allowed)}; "
@@ -374,10 +379,12 @@ class GPT(nn.Module):
     """Token embedding → `n_layer` pre-norm blocks → final norm → lm head.
 
     Parameter names: `tok_emb`, `pos_emb` (learned only), `rel_bias` (relative only, shared
-    by all layers), `blocks.{i}.{norm1,attn,norm2,mlp}`, `norm_f`, `lm_head`. All projections
-    are plain `nn.Linear` (`attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`) so LoRA and
-    quantization can swap them. Set `gradient_checkpointing = True` to recompute each block
-    in the backward pass while training.
+    by all layers), `blocks.{i}.{norm1,attn,norm2,mlp}`, `norm_f`, `lm_head` (or `score` for
+    a reward model). All projections are plain `nn.Linear` (`attn.{q,k,v,o}_proj`,
+    `mlp.{gate,up,down}_proj`) so LoRA and quantization can swap them. `aux` holds trainable
+    extras an objective attaches (a projection, a value head): they train, DDP/FSDP and the
+    training state see them, and checkpoints leave them out. Set `gradient_checkpointing =
+    True` to recompute each block in the backward pass while training.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -392,10 +399,19 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        if config.head == "score":
+            self.score = nn.Linear(config.d_model, 1, bias=False)
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.aux = nn.ModuleDict()
+        self.tie_weights()
         self._init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the lm head when the config ties them (again after
+        a load that assigned them as two tensors)."""
+        if self.config.tie_embeddings and self.config.head == "lm":
+            self.lm_head.weight = self.tok_emb.weight
 
     def _init_weights(self) -> None:
         # GPT-2: N(0, 0.02) everywhere, with the projections that write into the residual
@@ -405,6 +421,10 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+        if self.config.head == "score":  # a small start, so the initial rewards sit near 0
+            nn.init.normal_(
+                self.score.weight, mean=0.0, std=1.0 / math.sqrt(self.config.d_model + 1)
+            )
         std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.o_proj.weight, mean=0.0, std=std)
@@ -413,11 +433,11 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once). `non_embedding` drops the lookup-only tables:
         the position embedding, and the token embedding unless it doubles as the lm head."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("aux."))
         if non_embedding:
             if self.config.pos == "learned":
                 n -= self.pos_emb.weight.numel()
-            if not self.config.tie_embeddings:
+            if not self.config.tie_embeddings or self.config.head != "lm":
                 n -= self.tok_emb.weight.numel()
         return n
 
@@ -489,12 +509,16 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        hidden_layers: tuple[int, ...] | list[int] = (),
         logits_to_keep: int = 0,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, T, V] for tokens `idx` [B, T] (and the final-norm hidden states
-        [B, T, d_model] when `return_hidden`). `logits_to_keep=n > 0` computes the logits of
-        the last n positions only, [B, n, V], as transformers' argument of that name: a prefill
-        needs just the last, and the lm head is the largest matmul of a small model.
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Logits [B, T, V] for tokens `idx` [B, T] (scores [B, T, 1] for a reward model).
+        `return_hidden` adds the final-norm hidden states [B, T, d_model]: `(logits, hidden)`.
+        `hidden_layers` adds the residual stream at those depths, as transformers counts them
+        (0 = the embeddings, i = the output of block i, 1-based): `(logits, [h, ...])`, for
+        feature distillation. `logits_to_keep=n > 0` computes the logits of the last n
+        positions only, [B, n, V], as transformers' argument of that name: a prefill needs just
+        the last, and the lm head is the largest matmul of a small model.
 
         `attention_mask` [B, S] (S = cached length + T) marks real tokens True, for padding.
         `position_ids` [B, T] default to the count of real tokens before each one
@@ -552,16 +576,27 @@ class GPT(nn.Module):
             position_ids, key_positions, attention_mask, past, x.dtype
         )
 
+        if return_hidden and hidden_layers:
+            raise ValueError("ask for return_hidden or hidden_layers, not both")
+        for i in hidden_layers:
+            if not 0 <= i <= cfg.n_layer:
+                raise ValueError(f"hidden_layers: {i} is not in 0..{cfg.n_layer}")
+        states = {0: x} if 0 in hidden_layers else {}
         checkpointing = self.gradient_checkpointing and self.training and cache is None
         for layer, block in enumerate(self.blocks):
             if checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, mask, is_causal, None, layer, use_reentrant=False)
             else:
                 x = block(x, rope, mask, is_causal, cache, layer)
+            if layer + 1 in hidden_layers:
+                states[layer + 1] = x
         if cache is not None:
             cache.length = kv_len
         hidden = self.norm_f(x)
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+        head = self.score if cfg.head == "score" else self.lm_head
+        logits = head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+        if hidden_layers:
+            return logits, [states[i] for i in hidden_layers]
         return (logits, hidden) if return_hidden else logits
 
     def _attention_mask(
