@@ -35,7 +35,8 @@ import torch
 from llmctl.model.gpt import GPT, GPTConfig, preset
 from llmctl.runtime import set_quiet
 from llmctl.train.batches import StepBatches
-from llmctl.train.loop import TrainConfig, Writer, peak_flops, train
+from llmctl.train.loop import Writer, peak_flops, train
+from llmctl.train.settings import TrainSettings
 from llmctl.train.objectives import NextToken
 
 LR, BETAS, WD, CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
@@ -53,13 +54,13 @@ def source(vocab: int, batch: int, seq: int):
 def ours(cfg: GPTConfig, batch: int, seq: int, steps: int, device: str, compile: bool) -> dict:
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    tcfg = TrainConfig(
-        steps=steps, lr=LR, warmup=0, weight_decay=WD, betas=BETAS, clip=CLIP, log_every=1,
-        save_every=0, compile=compile, flops_per_token=model.flops_per_token(seq),
+    tcfg = TrainSettings(
+        steps=steps, lr=LR, warmup=0, weight_decay=WD, betas=list(BETAS), clip=CLIP,
+        log_every=1, save_every=0, compile=compile,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         res = train(model, StepBatches(source(cfg.vocab_size, batch, seq)), NextToken(), tcfg,
-                    Writer(d, {}))  # fmt: skip
+                    Writer(d, {}), flops_per_token=model.flops_per_token(seq))  # fmt: skip
         first = json.loads((Path(d) / "metrics.jsonl").read_text().splitlines()[0])
     return {"tokens_per_s": res.tokens_per_s, "mfu": res.mfu, "loss": first["loss"]}
 

@@ -364,7 +364,6 @@ class Runner:
         self.padded = any(len(p) != width for p in prompts)
         self.cache = model.make_cache(n, width + extra) if use_cache else None
         self.length = 0
-        model.use_decode_layout(n)  # 1-2 rows in float32 on CPU: 1.2-1.3x faster GEMVs
 
     def _mask(self, length: int) -> torch.Tensor | None:
         return self.mask[:, :length] if self.padded else None
@@ -635,10 +634,23 @@ def _beam_search(model: GPT, prompts: Sequence[Sequence[int]], params: Generatio
 
 
 def _check_causal(model: GPT, draft: GPT | None) -> None:
+    if getattr(model.config, "head", "lm") != "lm":
+        raise ValueError(
+            "this is a reward model (a score head, no token logits): it cannot generate"
+        )
     if not model.config.causal:
         raise ValueError("this is a masked-LM checkpoint: use fill_masks, not generation")
     if draft is not None and not draft.config.causal:
         raise ValueError("the draft model must be causal")
+
+
+def _decode_layout(model: GPT, draft: GPT | None, rows: int) -> None:
+    """Store the weights in the layout that decoding `rows` rows at a time reads fastest
+    (`GPT.use_decode_layout`). Opt-in: generation inside training must leave the training
+    weights' layout alone (DDP buckets and fused optimizers hold views of it)."""
+    for m in (model, draft):
+        if m is not None and hasattr(m, "use_decode_layout"):
+            m.use_decode_layout(rows)
 
 
 @torch.inference_mode()
@@ -651,12 +663,17 @@ def generate(
     draft: GPT | None = None,
     pad_id: int = 0,
     first_index: int = 0,
+    decode_layout: bool = False,
 ) -> list[list[Completion]]:
     """Complete each prompt (token ids): per prompt, `num_samples` completions (greedy or
     sampled) or `num_return_sequences` beams, best first. Prompts of different lengths are
     left-padded into one batch; results equal one-at-a-time generation. `first_index` is the
-    index of `prompts[0]` in the whole run, so seeds do not depend on batching."""
+    index of `prompts[0]` in the whole run, so seeds do not depend on batching.
+    `decode_layout` lets the weights be re-laid out for decoding speed (the CLI's choice)."""
     _check_causal(model, draft)
+    if decode_layout:
+        rows = 1 if draft is not None else len(prompts) * max(params.num_beams, params.num_samples)
+        _decode_layout(model, draft, rows)
     stops = stops or Stops(params.max_new_tokens)
     if params.num_beams > 1:
         if draft is not None:
@@ -702,6 +719,7 @@ def stream(
     pad_id: int = 0,
     index: int = 0,
     sample: int = 0,
+    decode_layout: bool = False,
 ) -> Iterator[Delta]:
     """Generate one completion of one prompt, yielding a Delta per step (greedy, sampling or
     speculative; beam search cannot stream). Text deltas hold back a partial UTF-8 character
@@ -709,6 +727,8 @@ def stream(
     _check_causal(model, draft)
     if params.num_beams > 1:
         raise ValueError("beam search cannot stream: its best sequence is known only at the end")
+    if decode_layout:
+        _decode_layout(model, draft, 1)
     stops = stops or Stops(params.max_new_tokens)
     comp = Completion()
     gen = None

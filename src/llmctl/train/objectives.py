@@ -29,15 +29,22 @@ from llmctl.errors import UsageError
 IGNORE = -100  # label value that contributes no loss (PyTorch's cross_entropy default)
 
 
+# A metric an objective reports: (sum, count) over the micro-batch's items, as tensors on the
+# device (no .item()); the loop adds them up over a log window and across ranks, then logs
+# sum / count. An objective returns the same metric names on every call.
+Metric = tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class LossOutput:
     """One micro-batch's loss: `total` (summed, differentiable) over `count` items; `tokens`
-    is how many positions the model processed (for throughput); `metrics` adds anything else."""
+    is how many positions the model processed (for throughput); `metrics` adds anything else
+    (e.g. {"accuracy": (correct.sum(), n)}), each reduced as sum / count."""
 
     total: torch.Tensor
     count: torch.Tensor
     tokens: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=dict)
 
 
 class Objective(Protocol):
@@ -51,7 +58,7 @@ class Objective(Protocol):
 
 
 def _config(model: nn.Module) -> Any:
-    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
     inner = getattr(inner, "module", inner)  # DDP
     return getattr(inner, "config", None)
 
