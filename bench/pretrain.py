@@ -36,8 +36,8 @@ from llmctl.model.gpt import GPT, GPTConfig, preset
 from llmctl.runtime import set_quiet
 from llmctl.train.batches import StepBatches
 from llmctl.train.loop import Writer, peak_flops, train
-from llmctl.train.settings import TrainSettings
 from llmctl.train.objectives import NextToken
+from llmctl.train.settings import TrainSettings
 
 LR, BETAS, WD, CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
 

@@ -115,8 +115,9 @@ class Batches(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-# An evaluation that is not a loss: called with the (unwrapped) model and the step on every
-# rank at each evaluation; returns figures to log (rank 0's are written).
+# An evaluation that is not a loss: called with the (unwrapped) model, in eval mode and without
+# gradients, and the step, on every rank at each evaluation; returns figures to log (rank 0's
+# are written).
 Probe = Callable[[nn.Module, int], dict[str, float]]
 
 
@@ -550,8 +551,14 @@ class _Run:
             self.counters["val_loss"] = res.loss
             record |= {"val_loss": res.loss, "val_items": res.items}
             record |= {f"val_{k}": v for k, v in res.metrics.items()}
-        for probe in probes:
-            record |= probe(self.model, step)
+        if probes:  # probes see the model in eval mode, without gradients
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    for probe in probes:
+                        record |= probe(self.model, step)
+            finally:
+                self.model.train()
         self.counters["val_metrics"] = {k: v for k, v in record.items() if k != "step"}
         self.writer.log(record)
         if self.world.main:
