@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmctl.model.gpt import GPT
+from llmctl.model.contract import LanguageModel
 
 NEG = -1.0e9  # "impossible" score in beam search, as transformers uses
 
@@ -347,7 +347,7 @@ class Runner:
     """Feeds tokens to a model for N rows of left-padded prompts, keeping the KV cache (or, with
     `use_cache=False`, the whole token history to recompute). Returns float32 logits."""
 
-    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], extra: int, *,
+    def __init__(self, model: LanguageModel, prompts: Sequence[Sequence[int]], extra: int, *,
                  pad_id: int = 0, use_cache: bool = True) -> None:  # fmt: skip
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("every prompt needs at least one token")
@@ -429,7 +429,7 @@ def _choose(scores: torch.Tensor, params: GenerationParams, gens: Sequence[torch
 Step = list[tuple[int, list[int]]]  # (row, tokens added this step) for rows still running
 
 
-def _sample_steps(model: GPT, prompts: Sequence[Sequence[int]], params: GenerationParams,
+def _sample_steps(model: LanguageModel, prompts: Sequence[Sequence[int]], params: GenerationParams,
                   stops: Stops, comps: list[Completion], gens: list[torch.Generator] | None,
                   pad_id: int) -> Iterator[Step]:  # fmt: skip
     """Greedy or sampled decoding of all rows at once, one token per row per step."""
@@ -467,9 +467,9 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int,
     return int(torch.multinomial(dist, 1, generator=gen))
 
 
-def _speculative_steps(model: GPT, draft: GPT, prompt: Sequence[int], params: GenerationParams,
-                       stops: Stops, comp: Completion, gen: torch.Generator | None,
-                       pad_id: int) -> Iterator[Step]:  # fmt: skip
+def _speculative_steps(model: LanguageModel, draft: LanguageModel, prompt: Sequence[int],
+                       params: GenerationParams, stops: Stops, comp: Completion,
+                       gen: torch.Generator | None, pad_id: int) -> Iterator[Step]:  # fmt: skip
     """One row: the draft proposes up to `draft_k` tokens, the target checks them in one forward
     and keeps the longest acceptable prefix plus one token of its own."""
     if draft.config.vocab_size != model.config.vocab_size:
@@ -547,7 +547,7 @@ def _speculative_steps(model: GPT, draft: GPT, prompt: Sequence[int], params: Ge
             d_pending = [drafts[-1], token] if k else [*d_pending, token]
 
 
-def _beam_search(model: GPT, prompts: Sequence[Sequence[int]], params: GenerationParams,
+def _beam_search(model: LanguageModel, prompts: Sequence[Sequence[int]], params: GenerationParams,
                  stops: Stops, pad_id: int) -> list[list[Completion]]:  # fmt: skip
     """transformers' beam search (the vectorized v4.50+ version), over our KV cache."""
     B, K, M = len(prompts), params.num_beams, params.max_new_tokens
@@ -633,7 +633,7 @@ def _beam_search(model: GPT, prompts: Sequence[Sequence[int]], params: Generatio
 # --- public API ---------------------------------------------------------------------------------
 
 
-def _check_causal(model: GPT, draft: GPT | None) -> None:
+def _check_causal(model: LanguageModel, draft: LanguageModel | None) -> None:
     if getattr(model.config, "head", "lm") != "lm":
         raise ValueError(
             "this is a reward model (a score head, no token logits): it cannot generate"
@@ -644,10 +644,10 @@ def _check_causal(model: GPT, draft: GPT | None) -> None:
         raise ValueError("the draft model must be causal")
 
 
-def _decode_layout(model: GPT, draft: GPT | None, rows: int) -> None:
+def _decode_layout(model: LanguageModel, draft: LanguageModel | None, rows: int) -> None:
     """Store the weights in the layout that decoding `rows` rows at a time reads fastest
-    (`GPT.use_decode_layout`). Opt-in: generation inside training must leave the training
-    weights' layout alone (DDP buckets and fused optimizers hold views of it)."""
+    (`use_decode_layout`, e.g. GPT's). Opt-in: generation inside training must leave the
+    training weights' layout alone (DDP buckets and fused optimizers hold views of it)."""
     for m in (model, draft):
         if m is not None and hasattr(m, "use_decode_layout"):
             m.use_decode_layout(rows)
@@ -655,12 +655,12 @@ def _decode_layout(model: GPT, draft: GPT | None, rows: int) -> None:
 
 @torch.inference_mode()
 def generate(
-    model: GPT,
+    model: LanguageModel,
     prompts: Sequence[Sequence[int]],
     params: GenerationParams,
     *,
     stops: Stops | None = None,
-    draft: GPT | None = None,
+    draft: LanguageModel | None = None,
     pad_id: int = 0,
     first_index: int = 0,
     decode_layout: bool = False,
@@ -710,12 +710,12 @@ class Delta:
 
 @torch.inference_mode()
 def stream(
-    model: GPT,
+    model: LanguageModel,
     prompt: Sequence[int],
     params: GenerationParams,
     *,
     stops: Stops | None = None,
-    draft: GPT | None = None,
+    draft: LanguageModel | None = None,
     pad_id: int = 0,
     index: int = 0,
     sample: int = 0,
@@ -751,7 +751,7 @@ def stream(
 
 @torch.inference_mode()
 def fill_masks(
-    model: GPT,
+    model: LanguageModel,
     ids: Sequence[int],
     mask_id: int,
     params: GenerationParams,
