@@ -218,6 +218,40 @@ class KVCache:
         self.length = length
 
 
+class StaticKVCache(KVCache):
+    """A KV cache whose shapes never change, so that a decoding step can be captured once as
+    a CUDA graph and replayed (`model/fast_decode.py`). A forward call names the slots it
+    writes with `cache_slots` (a device tensor [T]) instead of appending at a Python length;
+    attention always reads all `max_len` slots, under `key_mask` [B, max_len] (True = a real,
+    written token) and causality by slot. Beams and speculative rollback use `KVCache`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.key_mask = torch.zeros(
+            self.batch_size, self.max_len, dtype=torch.bool, device=self.positions.device
+        )
+        self.slots: torch.Tensor | None = None  # the slots of the forward call in progress
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer a forward call writes in place (static addresses for CUDA graphs)."""
+        return [*self.k, *self.v, self.positions, self.key_mask]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.slots is not None
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+    def reorder(self, index: torch.LongTensor) -> None:
+        raise ValueError("a static KV cache cannot reorder rows (beam search uses KVCache)")
+
+    def crop(self, length: int) -> None:
+        raise ValueError("a static KV cache cannot roll back (speculative decoding uses KVCache)")
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -346,6 +380,20 @@ class MLP(nn.Module):
         return self.drop(self.down_proj(h))
 
 
+IGNORE = -100  # label value that contributes no loss (PyTorch's cross_entropy default)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy in fp32, number of labels != IGNORE)."""
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return total, (labels != IGNORE).sum()
+
+
 def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -386,6 +434,8 @@ class GPT(nn.Module):
     training state see them, and checkpoints leave them out. Set `gradient_checkpointing =
     True` to recompute each block in the backward pass while training.
     """
+
+    supports_static_cache = True  # make_cache(static=True): CUDA-graph decoding
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -454,9 +504,11 @@ class GPT(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        static: bool = False,
     ) -> KVCache:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt included);
-        device and dtype default to the model's."""
+        device and dtype default to the model's. `static` gives a `StaticKVCache` (fixed
+        shapes, for CUDA-graph decoding)."""
         if not self.config.causal:
             raise ValueError("a KV cache needs a causal model; this one has causal=False")
         if max_len > self.config.max_seq_len:
@@ -464,7 +516,7 @@ class GPT(nn.Module):
                 f"cache max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
         weight = self.tok_emb.weight
-        return KVCache(
+        return (StaticKVCache if static else KVCache)(
             self.config.n_layer,
             batch_size,
             self.config.n_kv_head,
@@ -511,6 +563,8 @@ class GPT(nn.Module):
         return_hidden: bool = False,
         hidden_layers: tuple[int, ...] | list[int] = (),
         logits_to_keep: int = 0,
+        labels: torch.Tensor | None = None,
+        cache_slots: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Logits [B, T, V] for tokens `idx` [B, T] (scores [B, T, 1] for a reward model).
         `return_hidden` adds the final-norm hidden states [B, T, d_model]: `(logits, hidden)`.
@@ -520,13 +574,25 @@ class GPT(nn.Module):
         positions only, [B, n, V], as transformers' argument of that name: a prefill needs just
         the last, and the lm head is the largest matmul of a small model.
 
+        `labels` [B, T] (IGNORE = -100 where no loss) returns `(summed cross-entropy in fp32,
+        number of labels)` instead of logits: the loss is then part of the forward, so
+        torch.compile fuses the upcast and log-softmax of the largest tensor of a step (the
+        [B, T, V] logits) instead of materializing them in fp32.
+
         `attention_mask` [B, S] (S = cached length + T) marks real tokens True, for padding.
         `position_ids` [B, T] default to the count of real tokens before each one
         (`cumsum(mask) - 1`, clamped at 0) when a mask is given, else `cache.length + arange(T)`.
         With `cache`, the new keys/values are stored at `cache.length`, which then advances.
+        With a `StaticKVCache`, they go to the slots `cache_slots` [T] names instead, and
+        `position_ids` [B, T] and `attention_mask` [B, T] (the new tokens' real/padding flags)
+        are given by the caller; the cache's length is the caller's to keep.
         """
         cfg = self.config
         B, T = idx.shape
+        if isinstance(cache, StaticKVCache):
+            return self._forward_static(
+                idx, position_ids, attention_mask, cache, cache_slots, logits_to_keep
+            )
         past = 0
         if cache is not None:
             if not cfg.causal:
@@ -595,21 +661,61 @@ class GPT(nn.Module):
         hidden = self.norm_f(x)
         head = self.score if cfg.head == "score" else self.lm_head
         logits = head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+        if labels is not None:
+            return token_loss(logits, labels)
         if hidden_layers:
             return logits, [states[i] for i in hidden_layers]
         return (logits, hidden) if return_hidden else logits
+
+    def _forward_static(
+        self,
+        idx: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        new_mask: torch.Tensor | None,
+        cache: StaticKVCache,
+        slots: torch.Tensor | None,
+        logits_to_keep: int,
+    ) -> torch.Tensor:
+        """`forward` over a StaticKVCache: every shape fixed, no host-side lengths, so the
+        one-token decoding step can run as a CUDA graph. Same arithmetic as the plain path."""
+        cfg = self.config
+        if position_ids is None or slots is None:
+            raise ValueError("a static KV cache needs position_ids and cache_slots")
+        new_mask = torch.ones_like(idx, dtype=torch.bool) if new_mask is None else new_mask.bool()
+        cache.key_mask.index_copy_(1, slots, new_mask)
+        cache.positions.index_copy_(1, slots, position_ids)
+        x = self.tok_emb(idx)
+        if cfg.pos == "learned":
+            x = x + self.pos_emb(position_ids)
+        elif cfg.pos == "sinusoidal":
+            x = x + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
+        rope = None
+        if cfg.pos == "rope":
+            rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        mask, is_causal = self._attention_mask(
+            position_ids, cache.positions, cache.key_mask, slots, x.dtype
+        )
+        cache.slots = slots
+        try:
+            for layer, block in enumerate(self.blocks):
+                x = block(x, rope, mask, is_causal, cache, layer)
+        finally:
+            cache.slots = None
+        hidden = self.norm_f(x)
+        return self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
 
     def _attention_mask(
         self,
         query_positions: torch.Tensor,
         key_positions: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        past: int,
+        past: int | torch.Tensor,
         dtype: torch.dtype,
     ) -> tuple[torch.Tensor | None, bool]:
         """SDPA's (attn_mask, is_causal). Without padding or a position bias this stays
         (None, causal) so the flash kernels run; otherwise a bool mask or an additive float
-        bias [B, H, T, S] with -inf where attention is not allowed."""
+        bias [B, H, T, S] with -inf where attention is not allowed. `past` is the number of
+        cached slots before the queries, or (static cache) the queries' slots as a tensor [T]."""
         cfg = self.config
         T, S = query_positions.shape[1], key_positions.shape[1]
         device = query_positions.device
@@ -629,10 +735,12 @@ class GPT(nn.Module):
                 bias = self.rel_bias(buckets).permute(0, 3, 1, 2)
             bias = bias.to(dtype)
 
-        if bias is None and attention_mask is None and not (past and T > 1):
+        static = isinstance(past, torch.Tensor)
+        if not static and bias is None and attention_mask is None and not (past and T > 1):
             # plain training/prefill (causal via is_causal) or one-token decoding (sees all)
             return None, cfg.causal and past == 0
-        query_slots = torch.arange(past, S, device=device)[:, None]
+        first = past if static else torch.arange(past, S, device=device)
+        query_slots = first[:, None]
         key_slots = torch.arange(S, device=device)[None, :]
         allowed = (key_slots <= query_slots) if cfg.causal else None  # [T, S]
         if attention_mask is not None:

@@ -74,6 +74,9 @@ class GenerationParams:
     )
     draft_k: int = _opt(4, "Tokens the draft model proposes per speculative step.")
     use_cache: bool = _opt(True, "Use the KV cache (false recomputes the whole prefix each step).")
+    cuda_graphs: bool = _opt(
+        True, "On CUDA, decode greedy/sampled rows as replayed CUDA graphs (static KV cache)."
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -343,12 +346,34 @@ class Stops:
 # --- running the model ------------------------------------------------------------------------
 
 
+def _decode_step(model: LanguageModel, cache: Any, tokens: torch.Tensor,
+                 positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One decoding step over a static KV cache (what `_graphed_step` captures)."""
+    return model(tokens, position_ids=positions, cache=cache, cache_slots=slot)
+
+
+_GRAPHED: list[Callable[..., torch.Tensor]] = []
+
+
+def _graphed_step() -> Callable[..., torch.Tensor]:
+    """`_decode_step` compiled into a CUDA graph (torch.compile's "reduce-overhead"): at batch
+    1 a small model's decoding is bound by kernel launches, not by memory bandwidth, and a
+    replayed graph launches the whole step at once. Compiled once per process."""
+    if not _GRAPHED:
+        _GRAPHED.append(torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True))
+    return _GRAPHED[0]
+
+
 class Runner:
     """Feeds tokens to a model for N rows of left-padded prompts, keeping the KV cache (or, with
-    `use_cache=False`, the whole token history to recompute). Returns float32 logits."""
+    `use_cache=False`, the whole token history to recompute). Returns float32 logits.
+
+    `static=True` (greedy and sampled decoding on CUDA) keeps the cache in a `StaticKVCache`
+    and runs each one-token step as a replayed CUDA graph; same arithmetic, same tokens."""
 
     def __init__(self, model: LanguageModel, prompts: Sequence[Sequence[int]], extra: int, *,
-                 pad_id: int = 0, use_cache: bool = True) -> None:  # fmt: skip
+                 pad_id: int = 0, use_cache: bool = True, static: bool = False
+                 ) -> None:  # fmt: skip
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("every prompt needs at least one token")
         self.model = model
@@ -362,8 +387,21 @@ class Runner:
             self.mask[i, : width - len(p)] = False
         # without padding the model takes its fast path (no mask: SDPA's causal kernels)
         self.padded = any(len(p) != width for p in prompts)
-        self.cache = model.make_cache(n, width + extra) if use_cache else None
+        self.static = static and use_cache and getattr(model, "supports_static_cache", False)
+        self.cache = (
+            model.make_cache(n, width + extra, static=True)
+            if self.static
+            else model.make_cache(n, width + extra) if use_cache else None
+        )  # fmt: skip
         self.length = 0
+        if self.static:
+            self.step = _graphed_step() if device.type == "cuda" else _decode_step
+            if device.type == "cuda":
+                for t in self.cache.tensors():  # written in place by every replay
+                    torch._dynamo.mark_static_address(t)
+            prompt_mask = self.mask[:, :width]
+            self.positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+            self.next_position = prompt_mask.long().sum(-1, keepdim=True)  # [N, 1]
 
     def _mask(self, length: int) -> torch.Tensor | None:
         return self.mask[:, :length] if self.padded else None
@@ -371,16 +409,29 @@ class Runner:
     def prefill(self) -> torch.Tensor:
         """Logits [N, V] after the prompts."""
         width = self.ids.shape[1]
-        logits = self.model(
-            self.ids, attention_mask=self._mask(width), cache=self.cache, logits_to_keep=1
-        )
+        if self.static:
+            slots = torch.arange(width, device=self.ids.device)
+            logits = self.model(self.ids, position_ids=self.positions, cache=self.cache,
+                                attention_mask=self.mask[:, :width], cache_slots=slots,
+                                logits_to_keep=1)  # fmt: skip
+        else:
+            logits = self.model(
+                self.ids, attention_mask=self._mask(width), cache=self.cache, logits_to_keep=1
+            )
         self.length = width
         return logits[:, -1].float()
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append `tokens` [N, T]; logits [N, T, V] at those positions."""
         T, end = tokens.shape[1], self.length + tokens.shape[1]
-        if self.cache is not None:
+        if self.static:
+            if T != 1:
+                raise ValueError("a static-cache runner feeds one token per row at a time")
+            slot = torch.full((1,), self.length, dtype=torch.long, device=tokens.device)
+            logits = self.step(self.model, self.cache, tokens, self.next_position, slot)
+            logits = logits.clone()  # a graph's output is overwritten by its next replay
+            self.next_position += 1
+        elif self.cache is not None:
             logits = self.model(tokens, attention_mask=self._mask(end), cache=self.cache)
         else:
             self.ids = torch.cat([self.ids, tokens], dim=1)
@@ -432,9 +483,12 @@ Step = list[tuple[int, list[int]]]  # (row, tokens added this step) for rows sti
 def _sample_steps(model: LanguageModel, prompts: Sequence[Sequence[int]], params: GenerationParams,
                   stops: Stops, comps: list[Completion], gens: list[torch.Generator] | None,
                   pad_id: int) -> Iterator[Step]:  # fmt: skip
-    """Greedy or sampled decoding of all rows at once, one token per row per step."""
+    """Greedy or sampled decoding of all rows at once, one token per row per step (on CUDA
+    through a static cache replayed as a CUDA graph, unless `params.cuda_graphs` is off)."""
+    device = model.tok_emb.weight.device
+    static = params.cuda_graphs and device.type == "cuda"
     runner = Runner(model, prompts, params.max_new_tokens, pad_id=pad_id,
-                    use_cache=params.use_cache)  # fmt: skip
+                    use_cache=params.use_cache, static=static)  # fmt: skip
     hist = History(prompts, params, model.config.vocab_size, runner.ids.device)
     plain = hist.seen is None and hist.counts is None and hist.ngrams is None and not params.warps
     logits = runner.prefill()

@@ -364,6 +364,7 @@ class _Run:
         self.window_tokens, self.window_start = 0, time.perf_counter()
         self.timed_steps, self.run_tokens, self.run_time = 0, 0, 0.0
         self.step_start = 0.0
+        self.began = time.perf_counter()  # wall time of this process's run, for val records
 
     def due(self, every: int, done: int) -> bool:
         """Whether a periodic action (eval, save) falls after step `done`; the last step has
@@ -546,6 +547,7 @@ class _Run:
     ) -> None:
         record: dict[str, Any] = {"step": step}
         if val is not None:
+            record["wall_s"] = round(time.perf_counter() - self.began, 3)
             res = evaluate(self.net, val(), self.objective, seed=self.cfg.seed,
                            precision=self.cfg.dtype)  # fmt: skip
             self.counters["val_loss"] = res.loss
@@ -559,12 +561,14 @@ class _Run:
                         record |= probe(self.model, step)
             finally:
                 self.model.train()
-        self.counters["val_metrics"] = {k: v for k, v in record.items() if k != "step"}
+        self.counters["val_metrics"] = {
+            k: v for k, v in record.items() if k not in ("step", "wall_s")
+        }
         self.writer.log(record)
         if self.world.main:
             shown = ", ".join(
                 f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items()
-                if k not in ("step", "val_items") and isinstance(v, float)
+                if k not in ("step", "val_items", "wall_s") and isinstance(v, float)
             )  # fmt: skip
             info(f"step {step:,}: {shown}")
         self.window_start = time.perf_counter()

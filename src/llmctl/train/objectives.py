@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmctl.errors import UsageError
+from llmctl.model.gpt import IGNORE, token_loss
 
-IGNORE = -100  # label value that contributes no loss (PyTorch's cross_entropy default)
+__all__ = ["IGNORE", "LossOutput", "MaskedLM", "Metric", "NextToken", "Objective", "token_loss"]
 
 
 # A metric an objective reports: (sum, count) over the micro-batch's items, as tensors on the
@@ -63,17 +63,6 @@ def _config(model: nn.Module) -> Any:
     return getattr(inner, "config", None)
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy in fp32, number of labels != IGNORE)."""
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-    return total, (labels != IGNORE).sum()
-
-
 @dataclass
 class NextToken:
     """Causal language modelling: predict token t+1 from tokens ≤ t.
@@ -99,7 +88,7 @@ class NextToken:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         if "loss_mask" in batch:
             labels = labels.masked_fill(batch["loss_mask"][:, 1:] == 0, IGNORE)
-        total, count = token_loss(model(inputs), labels)
+        total, count = model(inputs, labels=labels)  # the loss inside the (compiled) forward
         return LossOutput(total, count, tokens=inputs.numel())
 
 
@@ -159,5 +148,5 @@ class MaskedLM:
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> LossOutput:
         inputs, labels = self.mask(batch["tokens"], generator)
-        total, count = token_loss(model(inputs), labels)
+        total, count = model(inputs, labels=labels)
         return LossOutput(total, count, tokens=inputs.numel())
