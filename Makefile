@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PRESET  ?= small
 OUT     ?= out
 
-.PHONY: setup demo test test-fast lint format bench clean-out
+.PHONY: setup demo test test-fast install-check lint format bench clean-out
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -n 2 --dist loadgroup -q
+	$(MAKE) install-check
+
+# Every command after a plain `pip install` (no dev extras), in a fresh venv: what users meet.
+install-check:
+	PY=$(PY) bash tests/install/runtime_only.sh
 
 test-fast: setup
 	$(BIN)/pytest -n 2 -q -m "not slow"

@@ -9,6 +9,15 @@ time covers the whole call (prefill of a short prompt included); each side gets 
 call, then the best of `--repeats` runs is kept. The tokens of both sides are compared.
 
     .venv/bin/python bench/generate.py [--quick] [--markdown]
+
+`--device cuda`: the GPT-2 124M shape in bf16, greedy, 256 new tokens after a 16-token
+prompt: llmctl (static KV cache replayed as CUDA graphs; and with `cuda_graphs` off) against
+transformers' `generate` with its default cache and with `cache_implementation="static"`, at
+batch 1, 32 and 128; and a 1.1B-parameter Llama shape (TinyLlama's: d 2048, 22 layers, GQA 32/4)
+at batch 1 with the fraction of HBM bandwidth it reaches (weight and KV bytes read per token ×
+tokens/s / 4.8 TB/s).
+
+    python3 bench/generate.py --device cuda [--markdown]
 """
 
 from __future__ import annotations
@@ -18,8 +27,12 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+# On the GPU machine the package is not installed: import it from the checkout.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "src"))
 
 from llmctl.model.gpt import GPT, preset
 from llmctl.model.hf import to_hf_gpt2, to_hf_llama
@@ -75,25 +88,100 @@ def run(
     }
 
 
+def cuda_rows(quick: bool) -> list[dict[str, object]]:
+    """The GPU table (see the module docstring); each side warmed up, best of 3 runs."""
+    import transformers
+
+    rows: list[dict[str, object]] = []
+    new, prompt_len = (64, 16) if quick else (256, 16)
+
+    def timed(fns: list[Callable[[], object]]) -> list[tuple[float, object]]:
+        def sync(fn: Callable[[], object]) -> Callable[[], object]:
+            def run() -> object:
+                out = fn()
+                torch.cuda.synchronize()
+                return out
+
+            return run
+
+        return best_times([sync(f) for f in fns], 1 if quick else 3)
+
+    def sides(model: GPT, hf: object, batch: int, hf_static: bool) -> dict[str, object]:
+        ids = torch.randint(8, model.config.vocab_size, (batch, prompt_len),
+                            generator=torch.Generator().manual_seed(1)).cuda()  # fmt: skip
+        stops = Stops(new)
+
+        def ours(graphs: bool) -> Callable[[], object]:
+            params = GenerationParams(max_new_tokens=new, cuda_graphs=graphs)
+            return lambda: [r[0].tokens for r in generate(model, ids.tolist(), params, stops=stops)]
+
+        def theirs(static: bool) -> Callable[[], object]:
+            kw = {"cache_implementation": "static"} if static else {}
+
+            def run() -> object:
+                with torch.inference_mode():
+                    out = hf.generate(ids, attention_mask=torch.ones_like(ids),  # type: ignore[attr-defined]
+                                      max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                      pad_token_id=0, **kw)  # fmt: skip
+                return out[:, prompt_len:].tolist()
+
+            return run
+
+        fns = [ours(True), ours(False), theirs(False)] + ([theirs(True)] if hf_static else [])
+        res = timed(fns)
+        rate = [batch * new / t for t, _ in res]
+        row = {"batch": batch, "llmctl tok/s": rate[0], "llmctl, no graphs": rate[1],
+               "transformers tok/s": rate[2]}  # fmt: skip
+        row["transformers static"] = rate[3] if hf_static else float("nan")
+        row["ratio"] = rate[0] / max(rate[2:])
+        row["same tokens"] = res[0][1] == res[2][1]
+        return row
+
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-124m")).eval().cuda()
+    hf = to_hf_gpt2(model).to(torch.bfloat16)
+    model.to(torch.bfloat16)
+    for batch in (1, 32, 128):
+        rows.append({"model": "gpt2-124m bf16", **sides(model, hf, batch, hf_static=batch == 1)})
+    del model, hf
+    torch.cuda.empty_cache()
+    big = GPT(preset("llama-style", n_layer=22, d_model=2048, n_head=32, n_kv_head=4,
+                     d_ff=5632, max_seq_len=2048)).to(torch.bfloat16).eval().cuda()  # fmt: skip
+    hfb = to_hf_llama(big)
+    row = sides(big, hfb, 1, hf_static=False)
+    weights = sum(p.numel() * p.element_size() for p in big.parameters())
+    kv = 2 * big.config.n_layer * big.config.n_kv_head * big.config.head_dim * 2  # per position
+    read = weights + kv * (prompt_len + new / 2)  # mean KV read per token
+    row["HBM fraction"] = row["llmctl tok/s"] * read / 4.8e12
+    rows.append({"model": f"llama 1.1B bf16 ({weights / 1e9:.2f} GB)", **row})
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, "
+          f"{torch.cuda.get_device_name()}")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer tokens, one repeat")
     ap.add_argument("--markdown", action="store_true", help="print rows for docs/benchmarks.md")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
-    new, repeats = (32, 2) if args.quick else (128, 3)
-    dtypes = (torch.float32, torch.bfloat16)
-    rows = [run(m, d, b, 16, new, repeats) for m in args.models for d in dtypes for b in (1, 8)]
-    cols = list(rows[0])
+    if args.device == "cuda":
+        rows = cuda_rows(args.quick)
+    else:
+        new, repeats = (32, 2) if args.quick else (128, 3)
+        dtypes = (torch.float32, torch.bfloat16)
+        rows = [run(m, d, b, 16, new, repeats) for m in args.models for d in dtypes for b in (1, 8)]
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     fmt = {float: "{:,.1f}", bool: "{}", int: "{}", str: "{}"}
-    lines = [[fmt[type(r[c])].format(r[c]) for c in cols] for r in rows]
+    lines = [[fmt[type(r[c])].format(r[c]) if c in r else "-" for c in cols] for r in rows]
     where = (
-        f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, load {os.getloadavg()[0]:.2f}"
     )
     if args.markdown:

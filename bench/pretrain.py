@@ -7,12 +7,17 @@ metrics, everything), theirs through a plain PyTorch loop over `GPT2LMHeadModel`
 with the same weights (`model/hf.py: to_hf_gpt2`). Tokens/s excludes the first (warm-up) step;
 each side runs `--rounds` times alternately and keeps its best.
 
-`--gpu`: our loop alone on CUDA (bf16 autocast, fused AdamW, SDPA flash attention,
-torch.compile) for the `small` preset and the GPT-2 124M shape, on random tokens: tokens/s and
-MFU against the device's dense bf16 peak.
+`--device cuda`: the GPT-2 124M shape (vocab padded to 50304 as nanoGPT pads it), T = 1024,
+random tokens, bf16 autocast, torch.compile, fused AdamW, clipping at 1.0 — our real loop
+against nanoGPT's `model.py` in a loop like its train.py (compiled, fused AdamW, clipping, no
+host sync per step), same batch, same optimizer settings, in one run: tokens/s, MFU by the
+6N + 12·L·d·T convention against the device's dense bf16 peak, and the ratio. A lever row
+runs our loop with the loss computed outside the compiled forward (as before issue [14]).
+The peer's code is read from bench/peers/nanogpt/ (an ignored copy of shared/peers/nanogpt);
+without it the peer column is skipped.
 
     .venv/bin/python bench/pretrain.py [--quick] [--markdown]
-    python3 bench/pretrain.py --gpu [--steps 200]
+    python3 bench/pretrain.py --device cuda [--steps 60] [--batches 16 32]
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ import torch
 from llmctl.model.gpt import GPT, GPTConfig, preset
 from llmctl.runtime import set_quiet
 from llmctl.train.batches import StepBatches
-from llmctl.train.loop import TrainConfig, Writer, peak_flops, train
+from llmctl.train.loop import Writer, peak_flops, train
 from llmctl.train.objectives import NextToken
+from llmctl.train.settings import TrainSettings
 
 LR, BETAS, WD, CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
 
@@ -50,16 +56,18 @@ def source(vocab: int, batch: int, seq: int):
     return get
 
 
-def ours(cfg: GPTConfig, batch: int, seq: int, steps: int, device: str, compile: bool) -> dict:
+def ours(cfg: GPTConfig, batch: int, seq: int, steps: int, device: str, compile: bool,
+         objective: NextToken | None = None) -> dict:  # fmt: skip
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    tcfg = TrainConfig(
-        steps=steps, lr=LR, warmup=0, weight_decay=WD, betas=BETAS, clip=CLIP, log_every=1,
-        save_every=0, compile=compile, flops_per_token=model.flops_per_token(seq),
+    tcfg = TrainSettings(
+        steps=steps, lr=LR, warmup=0, weight_decay=WD, betas=list(BETAS), clip=CLIP,
+        log_every=1 if device == "cpu" else 10, save_every=0, compile=compile,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
-        res = train(model, StepBatches(source(cfg.vocab_size, batch, seq)), NextToken(), tcfg,
-                    Writer(d, {}))  # fmt: skip
+        res = train(model, StepBatches(source(cfg.vocab_size, batch, seq)),
+                    objective or NextToken(), tcfg,
+                    Writer(d, {}), flops_per_token=model.flops_per_token(seq))  # fmt: skip
         first = json.loads((Path(d) / "metrics.jsonl").read_text().splitlines()[0])
     return {"tokens_per_s": res.tokens_per_s, "mfu": res.mfu, "loss": first["loss"]}
 
@@ -109,18 +117,77 @@ def cpu(args: argparse.Namespace) -> list[tuple]:
     ]  # fmt: skip
 
 
+PEER = Path(__file__).resolve().parent / "peers" / "nanogpt"
+
+
+class OuterLoss(NextToken):
+    """The lever row: logits out of the compiled forward, loss computed eagerly in fp32."""
+
+    def __call__(self, model, batch, generator):  # type: ignore[no-untyped-def]
+        from llmctl.train.objectives import LossOutput, token_loss
+
+        tokens = batch["tokens"]
+        total, count = token_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        return LossOutput(total, count, tokens=tokens[:, :-1].numel())
+
+
+def nanogpt(batch: int, seq: int, steps: int) -> dict | None:
+    """nanoGPT's model.py trained as its train.py does (compiled, bf16 autocast, fused AdamW,
+    clipping), random tokens prepared on the CPU and copied pinned/non-blocking as it does."""
+    if not (PEER / "model.py").is_file():
+        return None
+    sys.path.insert(0, str(PEER))
+    import model as ng  # the peer's module
+
+    torch.manual_seed(0)
+    conf = ng.GPTConfig(block_size=seq, vocab_size=50304, n_layer=12, n_head=12, n_embd=768,
+                        dropout=0.0, bias=True)  # fmt: skip
+    m = ng.GPT(conf).cuda()
+    opt = m.configure_optimizers(WD, LR, BETAS, "cuda")
+    cm = torch.compile(m)
+    get = source(50304, batch, seq)
+    flops = m.get_num_params() * 6 + 12 * 12 * 768 * seq
+    start = 0.0
+    for step in range(steps):
+        xy = torch.from_numpy(get(step)).pin_memory().cuda(non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = cm(xy[:, :-1], xy[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 1:  # steps 0-1 compile and warm up, as ours excludes its first
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+    torch.cuda.synchronize()
+    rate = (steps - 2) * batch * seq / (time.perf_counter() - start)
+    peak = peak_flops(torch.device("cuda"))
+    return {"tokens_per_s": rate, "mfu": rate * flops / peak if peak else None}
+
+
 def gpu(args: argparse.Namespace) -> list[tuple]:
+    import contextlib
+    import io
+
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name()
+    cfg = preset("gpt2-124m", vocab_size=50304)
+    seq = 1024
     rows = []
-    for label, cfg, batch, seq in (
-        ("small", preset("small", vocab_size=8192), 64, 256),
-        ("gpt2-124m", preset("gpt2-124m", vocab_size=50304), 16, 1024),
-    ):
-        r = ours(cfg, batch, seq, args.steps, "cuda", compile=not args.no_compile)
-        rows.append((f"{label} train tok/s ({name})", f"batch {batch}x{seq}, bf16, compile",
-                     f"{r['tokens_per_s']:,.0f}", f"MFU {r['mfu']:.1%}",
-                     f"peak {peak_flops(torch.device('cuda')) / 1e12:.0f} TF"))  # fmt: skip
+    for batch in args.batches:
+        r = ours(cfg, batch, seq, args.steps, "cuda", compile=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # the peer prints its optimizer setup
+            p = nanogpt(batch, seq, args.steps)
+        torch.cuda.empty_cache()
+        peer = "-" if p is None else f"{p['tokens_per_s']:,.0f} (MFU {p['mfu']:.1%})"
+        ratio = "-" if p is None else f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}x"
+        rows.append((f"gpt2-124m train tok/s ({name})", f"B={batch} T={seq}, bf16, compile",
+                     f"{r['tokens_per_s']:,.0f} (MFU {r['mfu']:.1%})", peer, ratio))  # fmt: skip
+    if args.levers:
+        batch = args.batches[0]
+        r = ours(cfg, batch, seq, args.steps, "cuda", compile=True, objective=OuterLoss())
+        rows.append((f"lever: loss outside the compiled forward ({name})", f"B={batch}",
+                     f"{r['tokens_per_s']:,.0f} (MFU {r['mfu']:.1%})", "-", "-"))  # fmt: skip
     return rows
 
 
@@ -128,14 +195,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few steps, one round")
     p.add_argument("--markdown", action="store_true", help="print rows for docs/benchmarks.md")
-    p.add_argument("--gpu", action="store_true", help="CUDA throughput and MFU instead")
-    p.add_argument("--steps", type=int, default=200, help="GPU steps per model")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=60, help="GPU steps per run")
+    p.add_argument("--batches", type=int, nargs="+", default=[16, 32], help="GPU batch sizes")
+    p.add_argument("--levers", action="store_true", help="GPU: also the lever rows")
     p.add_argument("--rounds", type=int, default=3, help="CPU: alternate rounds, best kept")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
-    p.add_argument("--no-compile", action="store_true")
     args = p.parse_args()
     set_quiet(True)
-    rows = gpu(args) if args.gpu else cpu(args)
+    rows = gpu(args) if args.device == "cuda" else cpu(args)
     head = ("benchmark", "setting", "llmctl", "peer", "ratio")
     if args.markdown:
         print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))

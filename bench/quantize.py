@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmctl.commands.quantize import QuantizeConfig, decode_speed, evaluate, read_ids
@@ -61,31 +62,30 @@ def float_finetune_then_ptq(ckpt: Path, tokens: Path, out: Path, qat: dict[str, 
     """The QAT run's loop, data and steps without fake quantization, then PTQ int4."""
     from llmctl.data.tokens import TokenStream
     from llmctl.model.io import load_model
-    from llmctl.tokenizer import load_tokenizer
+    from llmctl.tokenizer import load_specials, load_tokenizer
     from llmctl.train.batches import StepBatches
-    from llmctl.train.loop import TrainConfig, Writer, train
+    from llmctl.train.loop import Writer, train
     from llmctl.train.objectives import NextToken
 
     cfg = QuantizeConfig(method="int4", **qat)
     model = load_model(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
     seq = model.config.max_seq_len
     stream = TokenStream(tokens, "train", cfg.batch_size, seq, cfg.seed)
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=max(1, cfg.steps // 10),
-                       weight_decay=cfg.weight_decay, seed=cfg.seed, save_every=0)  # fmt: skip
     work = out / "float-ft"
     if work.exists():
         import shutil
 
         shutil.rmtree(work)
-    train(model, StepBatches(stream.sample), NextToken(), tcfg, Writer(work, {"bench": 1}))
+    train(model, StepBatches(stream.sample), NextToken(), cfg, Writer(work, {"bench": 1}))
     model.cpu().eval()
     for p in model.parameters():
         p.requires_grad_(False)
     tok = load_tokenizer(ckpt)
     ids, _ = read_ids(tokens, ckpt, tok, cfg, "val", 0)
-    ft = evaluate(model, ids, tok, seq)
+    special = np.array(sorted(load_specials(ckpt).all), dtype=np.int64)
+    ft = evaluate(model, ids, tok, seq, special)
     Q.quantize(model, Q.QuantSpec("int4"))
-    after = evaluate(model, ids, tok, seq)
+    after = evaluate(model, ids, tok, seq, special)
     return {"method": "float fine-tune + PTQ int4", "after": after, "float_ft": ft}
 
 
@@ -173,7 +173,7 @@ def main() -> None:
     if not args.skip_checkpoint:
         if not (args.checkpoint and args.tokens):
             ap.error("--checkpoint and --tokens are needed (or --skip-checkpoint)")
-        qat = {"steps": args.qat_steps}
+        qat = {"steps": args.qat_steps, "warmup": max(1, args.qat_steps // 10)}
         rows = part1(args.checkpoint, args.tokens, args.out, qat, args.decode_tokens)
         result["checkpoint"] = rows
         print(f"<!-- bench/quantize.py part 1: {args.checkpoint}, {where} -->")

@@ -114,7 +114,7 @@ def test_load_refuses_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"config\.json: GPTConfig: unknown key\(s\) n_heads"):
         load_config(tmp_path)
     config_path.write_text(json.dumps(config | {"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="model_type is not 'llmctl-gpt'"):
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not one of llmctl-gpt"):
         load_model(tmp_path)
     config_path.write_text("{not json")
     with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):

@@ -372,3 +372,25 @@ def test_adapter_for_another_base_or_malformed_is_refused(tmp_path: Path) -> Non
     write_adapter(tmp_path / "t", model, "abc", target_modules=["k_proj"])
     with pytest.raises(ValueError, match="not in target_modules"):
         merge_adapter(model, tmp_path / "t", base_digest="abc")
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned", "sinusoidal", "alibi", "relative"])
+def test_static_cache_runner_gives_the_plain_runners_logits(pos: str) -> None:
+    """The CUDA-graph path's arithmetic, checked on CPU in fp32: a StaticKVCache with slot
+    tensors and a full-length key mask gives the logits of the growing KV cache, padding too."""
+    from llmctl.model.sample import Runner
+
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=97, pos=pos, max_seq_len=40)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
+    plain = Runner(model, prompts, 12)
+    static = Runner(model, prompts, 12, static=True)
+    assert static.static and not plain.static
+    with torch.no_grad():
+        torch.testing.assert_close(static.prefill(), plain.prefill(), rtol=1e-5, atol=1e-5)
+        for step in range(10):
+            nxt = torch.tensor([[20 + step], [30 + step], [40 + step]])
+            a, b = static.feed(nxt), plain.feed(nxt)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one token per row"):
+        static.feed(torch.tensor([[1, 2], [3, 4], [5, 6]]))

@@ -17,7 +17,14 @@ from llmctl.data.corpus import SplitRule
 from llmctl.data.docs import Doc, ReadOptions, iter_docs
 from llmctl.data.docs import ShardWriter as DocsWriter
 from llmctl.data.tokens import TokenStream, read_header, read_shard
-from llmctl.tokenizer import EOS_ID, decode, encode, load_tokenizer, plain_text_tokenizer
+from llmctl.tokenizer import (
+    EOS_ID,
+    decode,
+    encode,
+    encode_prompt,
+    load_tokenizer,
+    plain_text_tokenizer,
+)
 
 DATA = Path(__file__).parent / "data" / "tinyshakespeare" / "input.txt"
 FILES = {
@@ -138,7 +145,9 @@ def test_transformers_loads_the_artifact(built: dict[int, Path]) -> None:
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(built[1])
     text = DATA.read_text()[:1000]
-    assert hf(text)["input_ids"] == encode(load_tokenizer(built[1]), text)
+    tok = load_tokenizer(built[1])
+    assert hf(text)["input_ids"] == encode_prompt(tok, text) == [1, *encode(tok, text)]
+    assert hf(text, add_special_tokens=False)["input_ids"] == encode(tok, text)
 
 
 def test_single_document_gives_val_its_tail(built: dict[int, Path], tmp_path: Path) -> None:

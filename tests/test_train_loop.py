@@ -15,9 +15,10 @@ from safetensors import safe_open
 from llmctl.errors import UsageError
 from llmctl.model.gpt import GPT, preset
 from llmctl.train.batches import StepBatches
-from llmctl.train.loop import NonFiniteLoss, TrainConfig, Writer, evaluate, train
+from llmctl.train.loop import NonFiniteLoss, Writer, evaluate, train
 from llmctl.train.objectives import IGNORE, LossOutput, MaskedLM, NextToken
 from llmctl.train.optim import Schedule, build_optimizer, param_groups
+from llmctl.train.settings import TrainSettings
 from llmctl.train.state import TENSORS, config_diff, latest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +53,7 @@ def losses(dir: Path) -> list[float]:
 def run(tmp: Path, steps: int = 6, batch: int = 4, accum: int = 1, **kw) -> tuple[GPT, Path]:
     model = tiny_model()
     kw = {"log_every": 1, **kw}
-    cfg = TrainConfig(steps=steps, grad_accum=accum, lr=3e-3, warmup=2, **kw)
+    cfg = TrainSettings(steps=steps, grad_accum=accum, lr=3e-3, warmup=2, **kw)
     src = windows(batch, 33)
     train(model, StepBatches(src, accum=accum), NextToken(), cfg, Writer(tmp, {"run": 1}))
     return model, tmp
@@ -150,7 +151,8 @@ def test_loss_falls(tmp_path: Path) -> None:
     got = losses(d)
     assert got[-1] < got[0] - 1.0
     val = [{"tokens": torch.from_numpy(windows(4, 33)(10_000 + i))} for i in range(4)]
-    loss, n = evaluate(model, val, NextToken())
+    res = evaluate(model, val, NextToken())
+    loss, n = res.loss, res.items
     assert n == 4 * 4 * 32 and loss < got[0] - 1.0
 
 
@@ -169,7 +171,7 @@ def test_resume_in_process_is_bitwise(tmp_path: Path) -> None:
     partial = tmp_path / "p"
     model = tiny_model()
     src = windows(4, 33)
-    cfg = TrainConfig(steps=8, lr=3e-3, warmup=2, log_every=2, save_every=3)
+    cfg = TrainSettings(steps=8, lr=3e-3, warmup=2, log_every=2, save_every=3)
 
     class Die(NextToken):
         calls = 0
@@ -194,7 +196,7 @@ def test_resume_in_process_is_bitwise(tmp_path: Path) -> None:
 def test_resume_with_changed_config_is_refused(tmp_path: Path) -> None:
     run(tmp_path, steps=3, save_every=1)
     model = tiny_model()
-    cfg = TrainConfig(steps=5, lr=3e-3, warmup=2, log_every=1)
+    cfg = TrainSettings(steps=5, lr=3e-3, warmup=2, log_every=1)
     writer = Writer(tmp_path, {"run": 2})
     with pytest.raises(UsageError, match=r"different settings \(run: 1 -> 2\)"):
         train(model, StepBatches(windows(4, 33)), NextToken(), cfg, writer)
@@ -213,7 +215,7 @@ def test_non_finite_loss_stops_before_the_step(tmp_path: Path) -> None:
             return out
 
     model = tiny_model()
-    cfg = TrainConfig(steps=6, lr=3e-3, warmup=2, log_every=1, save_every=1)
+    cfg = TrainSettings(steps=6, lr=3e-3, warmup=2, log_every=1, save_every=1)
     writer = Writer(tmp_path, {"run": 1})
     with pytest.raises(NonFiniteLoss, match=r"step 4: loss is (inf|nan).*step 3"):
         train(model, StepBatches(windows(4, 33)), Poisoned(), cfg, writer)
@@ -239,7 +241,7 @@ def test_loss_spike_warns_with_the_step_and_training_goes_on(
                 out.total = out.total * 50
             return out
 
-    cfg = TrainConfig(steps=6, lr=3e-3, warmup=2, log_every=1, save_every=0)
+    cfg = TrainSettings(steps=6, lr=3e-3, warmup=2, log_every=1, save_every=0)
     result = train(tiny_model(), StepBatches(windows(4, 33)), Spiky(), cfg, Writer(tmp_path, {}))
     err = " ".join(capsys.readouterr().err.split())
     pattern = r"warning: step 4: loss spike: [\d.]+ is over 10× the largest of the last 3 steps"
@@ -252,7 +254,7 @@ def test_loss_spike_warns_with_the_step_and_training_goes_on(
 
 def test_huge_lr_diverges_and_stops(tmp_path: Path) -> None:
     model = tiny_model()
-    cfg = TrainConfig(steps=20, lr=1e30, warmup=1, clip=0.0, log_every=1, save_every=0)
+    cfg = TrainSettings(steps=20, lr=1e30, warmup=1, clip=0.0, log_every=1, save_every=0)
     with pytest.raises(NonFiniteLoss, match=r"step \d+: (loss|gradient norm) is"):
         train(model, StepBatches(windows(4, 33)), NextToken(), cfg, Writer(tmp_path, {}))
 
@@ -262,7 +264,7 @@ def test_huge_lr_diverges_and_stops(tmp_path: Path) -> None:
 def test_cuda_path_bf16_fused_compiled(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=VOCAB)).cuda()
-    cfg = TrainConfig(steps=30, lr=3e-3, warmup=2, log_every=1, compile=True, save_every=10,
+    cfg = TrainSettings(steps=30, lr=3e-3, warmup=2, log_every=1, compile=True, save_every=10,
                       flops_per_token=model.flops_per_token(32))  # fmt: skip
     res = train(model, StepBatches(windows(8, 33)), NextToken(), cfg, Writer(tmp_path, {}))
     got = losses(tmp_path)
@@ -302,7 +304,7 @@ def test_weights_made_non_finite_by_a_step_are_never_saved(
         return opt
 
     monkeypatch.setattr(loop, "build_optimizer", overflowing)
-    cfg = TrainConfig(steps=6, lr=1e-3, warmup=1, log_every=1, save_every=1)
+    cfg = TrainSettings(steps=6, lr=1e-3, warmup=1, log_every=1, save_every=1)
     writer = Writer(tmp_path, {})
     with pytest.raises(NonFiniteLoss, match=r"step 3: the optimizer step made 1 parameter"):
         train(tiny_model(), StepBatches(windows(4, 33)), NextToken(), cfg, writer)

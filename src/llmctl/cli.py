@@ -271,6 +271,31 @@ def tokenize(
     verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
 
 
+# Options every training command shares (pretrain, finetune, lora, align, distill, qat): the
+# ones people type often; everything else goes through --set / --config (TrainSettings keys).
+StepsOpt = _opt("--steps", "Optimizer steps.")
+BatchSizeOpt = _opt("--batch-size", "Sequences per micro-batch (per process).")
+SeqLenOpt = _opt("--seq-len", "Tokens per sequence (default: the model's context).")
+LrOpt = _opt("--lr", "Peak learning rate.", float)
+SeedOpt = _opt("--seed", "Seed of init, data order and every random draw.")
+DeviceOpt = _opt("--device", "auto, cpu or cuda.", str)
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+
+
+def training_options(
+    steps: int | None,
+    batch_size: int | None,
+    seq_len: int | None,
+    lr: float | None,
+    seed: int | None,
+    device: str | None,
+    compile: bool,
+) -> dict[str, Any]:
+    """The shared training options as config keys (None: not given)."""
+    return dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
+                device=device, compile=compile or None)  # fmt: skip
+
+
 @command
 def pretrain(
     tokens: Annotated[
@@ -279,13 +304,13 @@ def pretrain(
     out: OutOpt = None,
     preset: _opt("--preset", "Model preset: tiny, small, gpt2-124m, llama-style.", str) = None,
     objective: _opt("--objective", "causal (next token) or mlm (masked LM).", str) = None,
-    steps: _opt("--steps", "Optimizer steps.") = None,
-    batch_size: _opt("--batch-size", "Sequences per micro-batch (per process).") = None,
-    seq_len: _opt("--seq-len", "Tokens per sequence (default: the model's context).") = None,
-    lr: _opt("--lr", "Peak learning rate.", float) = None,
-    seed: _opt("--seed", "Seed of init, data order and masks.") = None,
-    device: _opt("--device", "auto, cpu or cuda.", str) = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    steps: StepsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    compile: CompileOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     show_config: ShowOpt = False,
@@ -299,9 +324,8 @@ def pretrain(
     from llmctl.commands import pretrain as verb
 
     cfg = resolve(
-        verb.PretrainConfig, config, sets, show_config,
-        preset=preset, objective=objective, steps=steps, batch_size=batch_size, seq_len=seq_len,
-        lr=lr, seed=seed, device=device, compile=compile or None,
+        verb.PretrainConfig, config, sets, show_config, preset=preset, objective=objective,
+        **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
     )  # fmt: skip
     verb.run(need(tokens, "TOKENS"), need_out(out), cfg, force=force)
 

@@ -6,8 +6,13 @@ What it is:
   nanochat chose ("2 is the sweet spot" at a 32K vocabulary; ours defaults to 8K, so spending
   few tokens on digit groups matters more). Pieces are then mapped to bytes (ByteLevel with
   `use_regex=False`), and the initial alphabet is all 256 bytes: there is no unknown token.
-- Special tokens have fixed ids 0..7 (`SPECIAL_TOKENS`), whatever the vocabulary size, so the
-  data, model and chat code can use the constants below.
+- Special tokens of a tokenizer llmctl trains have fixed ids 0..7 (`SPECIAL_TOKENS`), whatever
+  the vocabulary size. Code that runs on a checkpoint never assumes them: it reads the ids from
+  the tokenizer files with `load_specials` (an imported model has its own BOS/EOS/pad).
+- Plain prompts follow one convention, written into `tokenizer.json`'s post-processor so that
+  transformers builds the same ids: `encode_prompt` = the tokenizer's own special tokens around
+  the text (for llmctl tokenizers a leading <|eos|>, the document separator of the shards, so a
+  prompt starts a fresh document as in pretraining; for imported ones e.g. BOS).
 - `save_tokenizer` writes `tokenizer.json` + `tokenizer_config.json` so that
   `transformers.AutoTokenizer.from_pretrained(dir)` loads it with the same ids and the same chat
   template (`CHAT_TEMPLATE`, rendered in Python by `render_chat` with the same jinja2 settings).
@@ -23,6 +28,7 @@ Example:
     tok = load_tokenizer(Path("out/tok"))            # a dir, a tokenizer.json, or an artifact
     ids = encode(tok, "Hello world")
     prompt = render_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    specials = load_specials(Path("out/tok"))        # .eos .end_of_turn .pad .all ...
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from llmctl.errors import UsageError
 
@@ -115,7 +122,16 @@ def train_tokenizer(
     )
     tok.train_from_iterator((clean_text(t) for t in texts), trainer=trainer, length=length)
     check_special_tokens(tok, "trained tokenizer")
+    tok.post_processor = prompt_processor()
     return tok
+
+
+def prompt_processor() -> processors.TemplateProcessing:
+    """What `add_special_tokens=True` adds for llmctl tokenizers: a leading <|eos|> (the
+    document separator), so `encode_prompt` here and transformers' tokenizer agree."""
+    return processors.TemplateProcessing(
+        single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B:1", special_tokens=[(EOS, EOS_ID)]
+    )
 
 
 def check_special_tokens(tok: Tokenizer, where: str) -> None:
@@ -148,6 +164,12 @@ def plain_text_tokenizer(tok: Tokenizer) -> Tokenizer:
 def encode(tok: Tokenizer, text: str) -> list[int]:
     """Token ids of `text` (made valid first); no special tokens are added."""
     return tok.encode(clean_text(text), add_special_tokens=False).ids
+
+
+def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
+    """Token ids of a plain prompt: the text with the tokenizer's own special tokens added
+    (its post-processor), exactly as transformers' `tokenizer(text)` builds them."""
+    return tok.encode(clean_text(text), add_special_tokens=True).ids
 
 
 def encode_batch(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -233,14 +255,102 @@ def tokenizer_file(path: Path | str) -> Path:
 
 
 def load_tokenizer(path: Path | str) -> Tokenizer:
-    """Load an llmctl tokenizer from a tokenizer.json, a tokens artifact or a checkpoint dir."""
+    """Load a tokenizer from a tokenizer.json, a tokens artifact or a checkpoint dir (llmctl's
+    own or an imported model's: its special ids are whatever `load_specials` reads)."""
     file = tokenizer_file(path)
     try:
-        tok = Tokenizer.from_file(str(file))
+        return Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise UsageError(f"{file}: not a valid tokenizer.json ({str(e)[:120]})") from e
-    check_special_tokens(tok, str(file))
-    return tok
+
+
+# End-of-turn tokens of common chat formats, tried in this order when the config names none.
+END_OF_TURN_TOKENS = (END, "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The special token ids of one tokenizer, read from its files.
+
+    `eos` ends a document (and a completion); `end_of_turn` ends an assistant turn (llmctl's
+    <|end|>, or `eos` for a model without chat tokens); `pad` may be None where masks make
+    its value irrelevant; `all` is every special id (excluded from bits per byte, never a
+    masked-LM target)."""
+
+    eos: int
+    end_of_turn: int
+    bos: int | None = None
+    pad: int | None = None
+    mask: int | None = None
+    all: frozenset[int] = frozenset()
+
+    @property
+    def stop(self) -> frozenset[int]:
+        """Ids that end generation: eos and end of turn."""
+        return frozenset({self.eos, self.end_of_turn})
+
+    @property
+    def pad_or_eos(self) -> int:
+        """A filler id for padded rows (its value never matters where masks hide it)."""
+        return self.pad if self.pad is not None else self.eos
+
+
+def _token_name(value: Any) -> str | None:
+    # tokenizer_config.json writes a special token as a string or as {"content": ...}
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_specials(path: Path | str) -> Specials:
+    """The special ids of the tokenizer that `path` names (a tokenizer.json, or a directory or
+    artifact holding one), from `tokenizer_config.json` beside it (bos/eos/pad/mask tokens) and
+    the special added tokens of `tokenizer.json`. UsageError naming the file when a named
+    token is not in the vocabulary or there is no end-of-sequence token."""
+    file = tokenizer_file(path)
+    tok = load_tokenizer(file)
+    cfg_path = file.parent / "tokenizer_config.json"
+    cfg: dict[str, Any] = {}
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise UsageError(f"{cfg_path}: expected a JSON object")
+    elif tok.token_to_id(EOS) == EOS_ID:  # a bare llmctl tokenizer.json
+        cfg = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "mask_token": MASK}
+    where = cfg_path if cfg_path.is_file() else file
+
+    def id_of(key: str) -> int | None:
+        name = _token_name(cfg.get(key))
+        if name is None:
+            return None
+        found = tok.token_to_id(name)
+        if found is None:
+            raise UsageError(f"{where}: {key} {name!r} is not in the vocabulary")
+        return found
+
+    eos = id_of("eos_token")
+    if eos is None:
+        raise UsageError(f"{where}: no eos_token: cannot tell where a document or answer ends")
+    turn = _token_name(cfg.get("end_of_turn_token"))
+    turn_id = tok.token_to_id(turn) if turn else None
+    for name in END_OF_TURN_TOKENS:
+        if turn_id is None:
+            turn_id = tok.token_to_id(name)
+    added = json.loads(tok.to_str()).get("added_tokens", [])
+    ids = {t["id"] for t in added if t.get("special")}
+    named = [id_of(k) for k in ("bos_token", "pad_token", "mask_token", "unk_token")]
+    ids |= {i for i in (eos, turn_id, *named) if i is not None}
+    return Specials(
+        eos=eos,
+        end_of_turn=turn_id if turn_id is not None else eos,
+        bos=named[0],
+        pad=named[1],
+        mask=named[2],
+        all=frozenset(ids),
+    )
 
 
 @lru_cache(maxsize=1)

@@ -102,10 +102,12 @@ def text_bytes(tok: Any, ids: np.ndarray, special: np.ndarray) -> int:
     return sum(len(t.encode("utf-8")) for t in texts)
 
 
-def _token_stream(data: list[Path], checkpoint: Path, tok: Any, cfg: EvalConfig) -> tuple:
-    """(ids, description) of what DATA names."""
+def _token_stream(
+    data: list[Path], checkpoint: Path, tok: Any, eos_id: int, cfg: EvalConfig
+) -> tuple:
+    """(ids, description) of what DATA names; documents are each followed by `eos_id`."""
     from llmctl.data.tokens import read_shard, split_shards
-    from llmctl.tokenizer import EOS_ID, encode
+    from llmctl.tokenizer import encode
 
     one = data[0] if len(data) == 1 and is_artifact(data[0]) else None
     if one is not None and open_artifact(one, ("tokens", "docs"), verify=False).kind == "tokens":
@@ -121,7 +123,7 @@ def _token_stream(data: list[Path], checkpoint: Path, tok: Any, cfg: EvalConfig)
         if isinstance(doc, BadRecord):
             bad += 1
             continue
-        docs.extend([*encode(tok, doc.text), EOS_ID])
+        docs.extend([*encode(tok, doc.text), eos_id])
     if bad:
         warn(f"skipped {bad:,} malformed record(s)")
     return np.array(docs, dtype=np.int64), ", ".join(map(str, data))
@@ -130,11 +132,12 @@ def _token_stream(data: list[Path], checkpoint: Path, tok: Any, cfg: EvalConfig)
 def run(checkpoint: Path, data: list[Path], cfg: EvalConfig, as_json: bool = False) -> dict:
     """Score `checkpoint` on `data`; print a table (and JSON on stdout with `as_json`)."""
     from llmctl.model.io import load_model
-    from llmctl.tokenizer import SPECIAL_TOKENS, check_fits, load_tokenizer
+    from llmctl.tokenizer import check_fits, load_specials, load_tokenizer
     from llmctl.train.distributed import pick_device
 
     open_artifact(checkpoint, "checkpoint")
     tok = load_tokenizer(checkpoint)
+    specials = load_specials(checkpoint)
     try:
         model = load_model(checkpoint, device=pick_device(cfg.device))
     except ValueError as e:
@@ -145,12 +148,12 @@ def run(checkpoint: Path, data: list[Path], cfg: EvalConfig, as_json: bool = Fal
     seq_len = cfg.seq_len or model.config.max_seq_len
     if not 1 <= seq_len <= model.config.max_seq_len or cfg.batch_size < 1:
         raise UsageError(f"config key 'seq_len': must be in 1..{model.config.max_seq_len}")
-    ids, source = _token_stream(data, checkpoint, tok, cfg)
+    ids, source = _token_stream(data, checkpoint, tok, specials.eos, cfg)
     if cfg.max_tokens:
         ids = ids[: cfg.max_tokens]
     if len(ids) < 2:
         raise UsageError(f"{source}: fewer than 2 tokens to score")
-    special = np.arange(len(SPECIAL_TOKENS))
+    special = np.array(sorted(specials.all), dtype=np.int64)
     nats, n, text_nats, n_text = score(model, ids, special, seq_len, cfg.batch_size, cfg.dtype)
     n_bytes = text_bytes(tok, ids[1:], special)
     loss = nats / n

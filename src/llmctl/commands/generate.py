@@ -4,9 +4,11 @@ Reads a `checkpoint` (optionally an `adapter` merged into it and a `--draft` che
 the same tokenizer); prompts come from `--prompt TEXT` or `--prompts FILE.jsonl` (one
 `{"prompt": "..."}` or `{"messages": [...]}` per line). Completions go to stdout (streamed
 token by token on a terminal); `--out DIR` writes a `samples` artifact (`samples.jsonl`).
-Plain prompts are preceded by <|eos|>, the document separator of the token shards, so a
-prompt starts a fresh document as in pretraining. `--chat` renders prompts with the chat
-template and, with no prompt on a terminal, opens an interactive chat (`/reset`, `/exit`).
+Plain prompts get the tokenizer's own special tokens (`tokenizer.encode_prompt`: for llmctl
+tokenizers <|eos|>, the document separator of the shards, so a prompt starts a fresh document
+as in pretraining; BOS for most imported models), exactly as transformers builds them.
+`--chat` renders prompts with the chat template and, with no prompt on a terminal, opens an
+interactive chat (`/reset`, `/exit`).
 A masked-LM checkpoint fills the <|mask|> tokens of each prompt instead.
 
 Example:
@@ -176,16 +178,7 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     a `samples` artifact. Returns the sample records."""
 
     from llmctl.model import sample
-    from llmctl.tokenizer import (
-        END_ID,
-        EOS_ID,
-        MASK_ID,
-        PAD_ID,
-        SPECIAL_TOKENS,
-        decode,
-        encode,
-        render_chat,
-    )
+    from llmctl.tokenizer import decode, encode, encode_prompt, load_specials, render_chat
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     repl = not cfg.prompt and not cfg.prompts and cfg.chat and interactive
@@ -193,6 +186,8 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
         raise UsageError("give --prompt TEXT or --prompts FILE.jsonl (or --chat on a terminal)")
     items = read_prompts(Path(cfg.prompts)) if cfg.prompts else [("--prompt", cfg.prompt)]
     model, tok, ckpt, draft = _load(cfg, checkpoint)
+    specials = load_specials(checkpoint)
+    pad_id = specials.pad_or_eos
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     mlm = not model.config.causal
     if mlm:
@@ -208,8 +203,9 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     settings = to_dict(params)
     stops = Stops(
         cfg.max_new_tokens,
-        eos_ids=frozenset({EOS_ID}),
-        stop_ids=frozenset(cfg.stop_token_ids) | (frozenset({END_ID}) if cfg.chat else frozenset()),
+        eos_ids=frozenset({specials.eos}),
+        stop_ids=frozenset(cfg.stop_token_ids)
+        | (frozenset({specials.end_of_turn}) if cfg.chat else frozenset()),
         strings=tuple(cfg.stop),
         decode=lambda ids: decode(tok, ids),
     )
@@ -219,7 +215,7 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
             msgs = value if isinstance(value, list) else [{"role": "user", "content": value}]
             ids = encode(tok, render_chat(msgs, add_generation_prompt=True))
         else:
-            ids = [EOS_ID, *encode(tok, value)]
+            ids = encode_prompt(tok, value)
         if len(ids) > limit:
             why = f"{where}: prompt has {len(ids)} tokens; the context leaves room for {limit}"
             if cfg.strict:
@@ -229,7 +225,7 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
         return ids
 
     if repl:
-        return chat_repl(model, tok, params, stops, draft, tokens_of, write)
+        return chat_repl(model, tok, params, stops, draft, tokens_of, write, pad_id=pad_id)
     encoded = [tokens_of(where, value) for where, value in items]
 
     streaming = interactive and cfg.num_beams == 1 and not mlm
@@ -237,28 +233,30 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     for start in range(0, len(items), 1 if streaming or mlm else cfg.batch_size):
         batch = encoded[start : start + (1 if streaming or mlm else cfg.batch_size)]
         if mlm:
-            if MASK_ID not in batch[0]:
+            if specials.mask is None or specials.mask not in batch[0]:
                 raise UsageError(f"{items[start][0]}: the prompt has no <|mask|> token to fill")
             results = [[]]
             for s in range(cfg.num_samples):
-                gen = sample.row_generator(seed or 0, start, s, model.norm_f.weight.device)
-                filled = sample.fill_masks(model, batch[0], MASK_ID, params, generator=gen,
-                                           banned_ids=range(len(SPECIAL_TOKENS)))  # fmt: skip
-                text = decode(tok, filled[1:] if filled[0] == EOS_ID else filled)
-                fills = [t for t, m in zip(filled, batch[0], strict=True) if m == MASK_ID]
+                gen = sample.row_generator(seed or 0, start, s, model.tok_emb.weight.device)
+                filled = sample.fill_masks(model, batch[0], specials.mask, params, generator=gen,
+                                           banned_ids=sorted(specials.all))  # fmt: skip
+                text = decode(tok, filled[1:] if filled[0] in specials.all else filled)
+                fills = [t for t, m in zip(filled, batch[0], strict=True) if m == specials.mask]
                 results[0].append(sample.Completion(fills, text, finish_reason="filled"))
         elif streaming:
             results = [[]]
             for s in range(cfg.num_samples):
                 _header(len(items), cfg.num_samples, start, s)
                 for delta in sample.stream(model, batch[0], params, stops=stops, draft=draft,
-                                           pad_id=PAD_ID, index=start, sample=s):  # fmt: skip
+                                           pad_id=pad_id, index=start, sample=s,
+                                           decode_layout=True):  # fmt: skip
                     write(delta.text)
                 write("\n")
                 results[0].append(delta.completion)
         else:
             results = sample.generate(model, batch, params, stops=stops, draft=draft,
-                                      pad_id=PAD_ID, first_index=start)  # fmt: skip
+                                      pad_id=pad_id, first_index=start,
+                                      decode_layout=True)  # fmt: skip
         for i, comps in enumerate(results):
             for s, c in enumerate(comps):
                 if not streaming:
@@ -316,11 +314,11 @@ def _finish(records: list[dict[str, Any]], seconds: float, cfg: GenerateConfig, 
 
 def chat_repl(model: Any, tok: Any, params: GenerationParams, stops: Stops, draft: Any,
               tokens_of: Callable[[str, Any], list[int]], write: Callable[[str], None],
-              read: Callable[[str], str] = input) -> list[dict[str, Any]]:  # fmt: skip
+              read: Callable[[str], str] = input, pad_id: int = 0
+              ) -> list[dict[str, Any]]:  # fmt: skip
     """Interactive chat that keeps the conversation; `/reset` forgets it, `/exit` (or EOF)
     ends. Returns the conversation's records (one per assistant turn)."""
     from llmctl.model.sample import stream
-    from llmctl.tokenizer import PAD_ID
 
     info("chat: /reset starts over, /exit (or Ctrl-D) leaves")
     messages: list[dict[str, str]] = []
@@ -342,8 +340,8 @@ def chat_repl(model: Any, tok: Any, params: GenerationParams, stops: Stops, draf
         messages.append({"role": "user", "content": line})
         ids = tokens_of(f"turn {len(records) + 1}", list(messages))
         write("assistant> ")
-        for delta in stream(model, ids, params, stops=stops, draft=draft, pad_id=PAD_ID,
-                            index=len(records)):  # fmt: skip
+        for delta in stream(model, ids, params, stops=stops, draft=draft, pad_id=pad_id,
+                            index=len(records), decode_layout=True):  # fmt: skip
             write(delta.text)
         write("\n")
         c = delta.completion

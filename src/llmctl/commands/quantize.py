@@ -37,13 +37,16 @@ from llmctl.config import helpful, to_dict
 from llmctl.data.docs import ReadOptions
 from llmctl.errors import UsageError
 from llmctl.runtime import human_bytes, info, summary, warn
+from llmctl.train.settings import COSMETIC, TrainSettings
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
-class QuantizeConfig(ReadOptions):
-    """Settings of `llmctl quantize`."""
+class QuantizeConfig(TrainSettings, ReadOptions):
+    """Settings of `llmctl quantize`. The training keys (steps, lr, batch_size, ...) are the
+    shared `TrainSettings`, used by `--method qat`; batch_size and seq_len also shape the
+    calibration and eval windows."""
 
     method: Literal["int8", "int4", "dynamic", "static", "qat"] = helpful(
         "int8", "int8 | int4 (weight-only), dynamic | static (int8 activations too), qat"
@@ -57,17 +60,19 @@ class QuantizeConfig(ReadOptions):
     percentile: float = helpful(99.99, "static with observer=percentile: which percentile")
     calib_tokens: int = helpful(32768, "static: calibration tokens")
     bits: int = helpful(4, "qat: 4 or 8 (weight-only int4 group-wise or int8 per channel)")
-    steps: int = helpful(200, "qat: optimizer steps")
-    batch_size: int = helpful(8, "qat and calibration: sequences per batch")
-    seq_len: int = helpful(0, "qat, calibration and eval: tokens per sequence (0 = model's)")
-    lr: float = helpful(1e-4, "qat: peak learning rate (cosine to 0.1x, 10% warmup)")
-    weight_decay: float = helpful(0.0, "qat: AdamW weight decay")
-    seed: int = helpful(0, "qat: data order")
-    device: Literal["auto", "cpu", "cuda"] = helpful("auto", "qat training device")
     eval_tokens: int = helpful(65536, "report: score at most this many eval tokens (0 = all)")
     decode_tokens: int = helpful(64, "report: tokens decoded to time batch-1 decoding (0 = skip)")
+    # the shared training keys, with QAT's defaults: a short, gentle fine-tune
+    steps: int = helpful(200, "qat: optimizer steps")
+    batch_size: int = helpful(8, "qat and calibration: sequences per batch")
+    lr: float = helpful(1e-4, "qat: peak learning rate")
+    warmup: int = helpful(20, "qat: linear warmup steps")
+    weight_decay: float = helpful(0.0, "qat: AdamW weight decay")
+    eval_every: int = helpful(0, "qat: validation every N steps (0 = none)")
+    save_every: int = helpful(50, "qat: save resumable state every N steps")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         g = self.group_size
         if isinstance(g, bool) or g < 2 or g % 2:
             raise UsageError(f"config key 'group_size': must be a positive even number, got {g}")
@@ -75,14 +80,11 @@ class QuantizeConfig(ReadOptions):
             raise UsageError(f"config key 'bits': must be 4 or 8, got {self.bits}")
         if not 0 < self.percentile <= 100:
             raise UsageError(f"config key 'percentile': must be in (0, 100], got {self.percentile}")
-        for name in ("calib_tokens", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"config key '{name}': must be >= 1")
-        for name in ("seq_len", "eval_tokens", "decode_tokens"):
+        if self.calib_tokens < 1:
+            raise UsageError("config key 'calib_tokens': must be >= 1")
+        for name in ("eval_tokens", "decode_tokens"):
             if getattr(self, name) < 0:
                 raise UsageError(f"config key '{name}': must be >= 0")
-        if self.lr <= 0:
-            raise UsageError("config key 'lr': must be > 0")
 
 
 def spec_of(cfg: QuantizeConfig) -> Any:
@@ -117,19 +119,20 @@ def read_ids(
     """(token ids, description) of DATA: a tokens artifact's `split`, or documents encoded
     with the checkpoint's tokenizer (each followed by <|eos|>)."""
     from llmctl.data.docs import BadRecord, iter_docs
-    from llmctl.tokenizer import EOS_ID, encode
+    from llmctl.tokenizer import encode, load_specials
 
     if not data.exists():
         raise UsageError(f"{data}: not found")
     if is_artifact(data) and open_artifact(data, ("tokens", "docs"), verify=False).kind == "tokens":
         return _tokens_ids(data, checkpoint, split, limit), f"{data} ({split} split)"
+    eos = load_specials(checkpoint).eos
     ids: list[int] = []
     bad = 0
     for doc in iter_docs([data], cfg):
         if isinstance(doc, BadRecord):
             bad += 1
             continue
-        ids.extend([*encode(tok, doc.text), EOS_ID])
+        ids.extend([*encode(tok, doc.text), eos])
         if limit and len(ids) >= limit:
             break
     if bad:
@@ -164,12 +167,13 @@ def windows(ids: np.ndarray, seq_len: int, batch_size: int) -> list[torch.Tensor
 # ---------------------------------------------------------------------------- measures
 
 
-def evaluate(model: Any, ids: np.ndarray, tok: Any, seq_len: int) -> dict[str, float | None]:
-    """Loss (nats/token) and bits per byte of `model` on `ids`, as `llmctl eval` scores them."""
+def evaluate(
+    model: Any, ids: np.ndarray, tok: Any, seq_len: int, special: np.ndarray
+) -> dict[str, float | None]:
+    """Loss (nats/token) and bits per byte of `model` on `ids`, as `llmctl eval` scores them
+    (`special`: the special token ids, left out of bits per byte)."""
     from llmctl.commands.eval import score, text_bytes
-    from llmctl.tokenizer import SPECIAL_TOKENS
 
-    special = np.arange(len(SPECIAL_TOKENS))
     nats, n, text_nats, _ = score(model, ids, special, seq_len, 8, "float32")
     n_bytes = text_bytes(tok, ids[1:], special)
     return {
@@ -206,10 +210,13 @@ def measure(
     seq_len: int,
     cfg: QuantizeConfig,
     dtype: torch.dtype | None,
+    special: np.ndarray,
 ) -> dict[str, Any]:
+    """The report's figures for one model: val loss and bits per byte (None without eval
+    data) and batch-1 decode tokens/s."""
     out: dict[str, Any] = {"val_loss": None, "bits_per_byte": None}
     if ids is not None:
-        out.update(evaluate(model, ids, tok, seq_len))
+        out.update(evaluate(model, ids, tok, seq_len, special))
     speed = decode_speed(model, cfg.decode_tokens, dtype) if cfg.decode_tokens else None
     out["decode_tokens_per_s"] = speed
     return out
@@ -232,7 +239,7 @@ def train_qat(
     from llmctl.model.quant import apply_qat
     from llmctl.train import distributed
     from llmctl.train.batches import StepBatches
-    from llmctl.train.loop import TrainConfig, Writer, train
+    from llmctl.train.loop import Writer, train
     from llmctl.train.objectives import NextToken
 
     if not (
@@ -245,24 +252,15 @@ def train_qat(
     n = apply_qat(model, spec)
     model.to(world.device)
     stream = TokenStream(calib, "train", cfg.batch_size, seq_len, cfg.seed)
-    tcfg = TrainConfig(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        warmup=max(1, cfg.steps // 10),
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        save_every=max(cfg.steps // 4, 1),
-        log_every=max(1, min(10, cfg.steps)),
-        eval_every=0,
-    )
     tokens = open_artifact(calib, "tokens", verify=False)
-    fingerprint = {"config": to_dict(cfg), "base": checkpoint.digest, "calib": tokens.digest}
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in COSMETIC}
+    fingerprint = {"config": settings, "base": checkpoint.digest, "calib": tokens.digest}
     info(
         f"qat: {n} Linear layers fake-quantized to int{cfg.bits}, {cfg.steps:,} steps × "
         f"{cfg.batch_size * seq_len:,} tokens on {world.device}"
     )
     writer = Writer(art_dir, fingerprint)
-    result = train(model, StepBatches(stream.sample), NextToken(), tcfg, writer)
+    result = train(model, StepBatches(stream.sample), NextToken(), cfg, writer)
     model.cpu()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -288,8 +286,8 @@ def run(
     """Quantize `checkpoint` into a new checkpoint at `out`; returns the manifest stats."""
     from llmctl.commands.generate import decode_dtype
     from llmctl.model.io import WEIGHTS_FILE, load_model, save_checkpoint
-    from llmctl.model.quant import calibrate, describe, layer_groups, quantize
-    from llmctl.tokenizer import check_fits, load_tokenizer
+    from llmctl.model.quant import calibrate, layer_groups, quantize, quantized_modules
+    from llmctl.tokenizer import check_fits, load_specials, load_tokenizer
 
     if cfg.method in ("static", "qat") and calib is None:
         what = "a tokens artifact or documents" if cfg.method == "static" else "a tokens artifact"
@@ -305,6 +303,7 @@ def run(
         raise UsageError(f"{checkpoint}: a bidirectional (masked-LM) model cannot be reported on")
     tok = load_tokenizer(checkpoint)
     check_fits(tok, model.config.vocab_size, str(checkpoint))
+    special = np.array(sorted(load_specials(checkpoint).all), dtype=np.int64)
     spec = spec_of(cfg)
     seq_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)
 
@@ -322,7 +321,7 @@ def run(
     dtype_name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
     info(f"quantize: measuring the base model ({checkpoint})")
-    before = measure(model, ids, tok, seq_len, cfg, dtype)
+    before = measure(model, ids, tok, seq_len, cfg, dtype, special)
     inputs: dict[str, Path] = {"checkpoint": checkpoint}
     if calib is not None:
         inputs["calib"] = calib
@@ -364,7 +363,7 @@ def run(
         except ValueError as e:
             raise UsageError(str(e)) from None
         info("quantize: measuring the quantized model")
-        after = measure(model, ids, tok, seq_len, cfg, dtype)
+        after = measure(model, ids, tok, seq_len, cfg, dtype, special)
         size_before = base.files[WEIGHTS_FILE]["bytes"]
         size_after = (art.dir / WEIGHTS_FILE).stat().st_size
         report = {
@@ -385,7 +384,7 @@ def run(
         art.stats.update(
             {
                 "report": report,
-                "quantized": describe(model),
+                "quantized": quantized_modules(model),
                 "groups_changed": layer_groups(model, cfg.group_size),
                 **extra,
             }

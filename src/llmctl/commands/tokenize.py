@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,13 @@ from llmctl.data.corpus import SplitRule, encode_corpus, training_sample
 from llmctl.data.docs import ErrorLog, ReadOptions, resolve_inputs
 from llmctl.errors import UsageError
 from llmctl.runtime import default_workers, human_bytes, info, summary, warn
-from llmctl.tokenizer import load_tokenizer, save_tokenizer, tokenizer_file, train_tokenizer
+from llmctl.tokenizer import (
+    load_specials,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_file,
+    train_tokenizer,
+)
 
 
 @dataclass(frozen=True)
@@ -97,11 +104,20 @@ def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, force: bool = False)
         ErrorLog(art.dir / "rejected" / "errors.jsonl", cfg.strict) as errors,
     ):
         if cfg.tokenizer:
-            tok, n_docs = load_tokenizer(cfg.tokenizer), None
+            # The source's files are copied byte for byte, so that a checkpoint made with this
+            # tokenizer and these tokens can tell they match (pretrain --init compares sha256).
+            src = tokenizer_file(cfg.tokenizer)
+            tok, n_docs = load_tokenizer(src), None
             tstats: dict[str, Any] = {"trained": False, "source": str(cfg.tokenizer)}
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if (src.parent / name).is_file():
+                    shutil.copyfile(src.parent / name, art.dir / name)
+            if not (art.dir / "tokenizer_config.json").is_file():
+                save_tokenizer(tok, art.dir, cfg.model_max_length)  # a bare llmctl tokenizer.json
         else:
             tok, tstats, n_docs = _train(files, cfg, rule, errors)
-        save_tokenizer(tok, art.dir, cfg.model_max_length)
+            save_tokenizer(tok, art.dir, cfg.model_max_length)
+        specials = load_specials(art.dir)
         digest = bytes.fromhex(sha256_file(art.dir / "tokenizer.json"))[:8]
         t1 = time.monotonic()
         stats = encode_corpus(
@@ -113,6 +129,7 @@ def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, force: bool = False)
             shard_tokens=cfg.shard_tokens,
             workers=workers,
             errors=errors,
+            eos_id=specials.eos,
             tokenizer_digest=digest,
             expected_docs=n_docs or None,
         )

@@ -38,7 +38,7 @@ from llmctl.data.pool import ordered_map
 from llmctl.data.tokens import ShardWriter, token_dtype
 from llmctl.errors import UsageError
 from llmctl.runtime import progress
-from llmctl.tokenizer import EOS_ID, clean_text
+from llmctl.tokenizer import clean_text
 
 # A worker task holds up to this much raw input: large enough to amortize IPC, small enough that
 # the last tasks finish together (workers stay busy) and memory stays bounded.
@@ -167,12 +167,12 @@ class Encoded:
 _W: dict[str, Any] = {}  # per-worker state set by _init
 
 
-def _init(tok_json: str, opts: ReadOptions, rule: SplitRule) -> None:
+def _init(tok_json: str, opts: ReadOptions, rule: SplitRule, eos_id: int) -> None:
     # One core per worker; this also keeps tokenizers' thread pool out of forked children.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = Tokenizer.from_str(tok_json)
     tok.encode_special_tokens = True  # "<|eos|>" typed in a document is text, not a token
-    _W.update(tok=tok, opts=opts, rule=rule, dtype=token_dtype(tok.get_vocab_size()))
+    _W.update(tok=tok, opts=opts, rule=rule, eos=eos_id, dtype=token_dtype(tok.get_vocab_size()))
 
 
 def _encode(items: list[Raw | BadRecord]) -> Encoded:
@@ -198,14 +198,14 @@ def _encode(items: list[Raw | BadRecord]) -> Encoded:
     ):
         ids = enc.ids
         flat[split].extend(ids)
-        flat[split].append(EOS_ID)
+        flat[split].append(_W["eos"])
         if split == "train":
             out.last_len = len(ids) + 1
     out.arrays = {s: np.array(v, dtype=_W["dtype"]) for s, v in flat.items()}
     return out
 
 
-def _tail_split(e: Encoded, fraction: float, single: bool, train_tokens: int) -> int:
+def _tail_split(e: Encoded, fraction: float, single: bool, train_tokens: int, eos_id: int) -> int:
     """Move the tail of the last train document into val: `fraction` of the lone document, or of
     all train tokens when no document hashed into val. Returns the number of tokens moved."""
     if single and e.docs["val"]:  # the lone document hashed into val: start it in train
@@ -218,7 +218,7 @@ def _tail_split(e: Encoded, fraction: float, single: bool, train_tokens: int) ->
         return 0
     arr, val = e.arrays["train"], e.arrays["val"]
     cut = len(arr) - 1 - moved  # the doc's final eos goes to val with its tail
-    eos = np.array([EOS_ID], dtype=arr.dtype)
+    eos = np.array([eos_id], dtype=arr.dtype)
     e.arrays = {"train": np.concatenate([arr[:cut], eos]), "val": np.concatenate([val, arr[cut:]])}
     return moved
 
@@ -258,13 +258,15 @@ def encode_corpus(
     tok: Tokenizer,
     out_dir: Path,
     *,
+    eos_id: int,
     shard_tokens: int,
     workers: int,
     errors: ErrorLog,
     tokenizer_digest: bytes = b"",
     expected_docs: int | None = None,
 ) -> dict[str, Any]:
-    """Pass 2: encode every document into `out_dir/{train,val}-NNNNN.bin`; returns the stats."""
+    """Pass 2: encode every document, each followed by `eos_id`, into
+    `out_dir/{train,val}-NNNNN.bin`; returns the stats."""
     vocab = tok.get_vocab_size()
     writers = {
         s: ShardWriter(
@@ -272,7 +274,7 @@ def encode_corpus(
             s,
             shard_tokens,
             vocab_size=vocab,
-            eos_id=EOS_ID,
+            eos_id=eos_id,
             tokenizer_digest=tokenizer_digest,
         )
         for s in ("train", "val")
@@ -288,7 +290,7 @@ def encode_corpus(
 
     batches = _batches(iter_raw(files, opts))
     with _env("TOKENIZERS_PARALLELISM", "false"), progress("encode", expected_docs, "docs") as bar:
-        for e in ordered_map(_encode, batches, workers, _init, (tok.to_str(), opts, rule)):
+        for e in ordered_map(_encode, batches, workers, _init, (tok.to_str(), opts, rule, eos_id)):
             for bad in e.bad:
                 errors.add(bad)
             empty += e.empty
@@ -305,7 +307,7 @@ def encode_corpus(
     single, tail = docs["train"] + docs["val"] == 1, 0
     if single or (docs["val"] == 0 and rule.val_fraction > 0):
         train_text_tokens = writers["train"].tokens + len(pending.arrays["train"]) - docs["train"]
-        tail = _tail_split(pending, rule.val_fraction, single, train_text_tokens)
+        tail = _tail_split(pending, rule.val_fraction, single, train_text_tokens, eos_id)
     elif docs["train"] == 0:
         raise UsageError(f"all {docs['val']} documents hashed into val: lower val_fraction")
     flush(pending)
@@ -321,7 +323,7 @@ def encode_corpus(
         "vocab_size": vocab,
         "vocab_used": int(np.count_nonzero(counts)),
         "dtype": writers["train"].dtype.name,
-        "eos_id": EOS_ID,
+        "eos_id": eos_id,
         "shards": names,
         "empty_docs": empty,
         "bad_records": dict(sorted(errors.counts.items())),

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "relative")
+HEADS = ("lm", "score")
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
@@ -35,7 +36,9 @@ _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 class GPTConfig:
     """Architecture of a GPT. `n_kv_head=None` means n_head (plain multi-head attention);
     `d_ff=None` means 4 * d_model. `rel_buckets` and `rel_max_distance` only matter for
-    `pos="relative"`. Example: `GPTConfig(vocab_size=256, n_layer=2, n_head=4, d_model=64)`."""
+    `pos="relative"`. `head="score"` replaces the lm head by a scalar `score` head [1, d]
+    (a reward model, as transformers' *ForSequenceClassification with one label).
+    Example: `GPTConfig(vocab_size=256, n_layer=2, n_head=4, d_model=64)`."""
 
     vocab_size: int
     n_layer: int
@@ -55,6 +58,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     rel_buckets: int = 32
     rel_max_distance: int = 128
+    head: str = "lm"
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -80,7 +84,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len < 1:
             raise ValueError(f"GPTConfig.max_seq_len must be >= 1, got {self.max_seq_len}")
-        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
+        checks = (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS), ("head", HEADS))
+        for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"GPTConfig.{name} must be one of {', '.join(allowed)}; "
@@ -213,6 +218,40 @@ class KVCache:
         self.length = length
 
 
+class StaticKVCache(KVCache):
+    """A KV cache whose shapes never change, so that a decoding step can be captured once as
+    a CUDA graph and replayed (`model/fast_decode.py`). A forward call names the slots it
+    writes with `cache_slots` (a device tensor [T]) instead of appending at a Python length;
+    attention always reads all `max_len` slots, under `key_mask` [B, max_len] (True = a real,
+    written token) and causality by slot. Beams and speculative rollback use `KVCache`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.key_mask = torch.zeros(
+            self.batch_size, self.max_len, dtype=torch.bool, device=self.positions.device
+        )
+        self.slots: torch.Tensor | None = None  # the slots of the forward call in progress
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer a forward call writes in place (static addresses for CUDA graphs)."""
+        return [*self.k, *self.v, self.positions, self.key_mask]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.slots is not None
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+    def reorder(self, index: torch.LongTensor) -> None:
+        raise ValueError("a static KV cache cannot reorder rows (beam search uses KVCache)")
+
+    def crop(self, length: int) -> None:
+        raise ValueError("a static KV cache cannot roll back (speculative decoding uses KVCache)")
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -341,6 +380,20 @@ class MLP(nn.Module):
         return self.drop(self.down_proj(h))
 
 
+IGNORE = -100  # label value that contributes no loss (PyTorch's cross_entropy default)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy in fp32, number of labels != IGNORE)."""
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return total, (labels != IGNORE).sum()
+
+
 def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -374,11 +427,15 @@ class GPT(nn.Module):
     """Token embedding → `n_layer` pre-norm blocks → final norm → lm head.
 
     Parameter names: `tok_emb`, `pos_emb` (learned only), `rel_bias` (relative only, shared
-    by all layers), `blocks.{i}.{norm1,attn,norm2,mlp}`, `norm_f`, `lm_head`. All projections
-    are plain `nn.Linear` (`attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`) so LoRA and
-    quantization can swap them. Set `gradient_checkpointing = True` to recompute each block
-    in the backward pass while training.
+    by all layers), `blocks.{i}.{norm1,attn,norm2,mlp}`, `norm_f`, `lm_head` (or `score` for
+    a reward model). All projections are plain `nn.Linear` (`attn.{q,k,v,o}_proj`,
+    `mlp.{gate,up,down}_proj`) so LoRA and quantization can swap them. `aux` holds trainable
+    extras an objective attaches (a projection, a value head): they train, DDP/FSDP and the
+    training state see them, and checkpoints leave them out. Set `gradient_checkpointing =
+    True` to recompute each block in the backward pass while training.
     """
+
+    supports_static_cache = True  # make_cache(static=True): CUDA-graph decoding
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -392,10 +449,24 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        if config.head == "score":
+            self.score = nn.Linear(config.d_model, 1, bias=False)
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.aux = nn.ModuleDict()
+        self.tie_weights()
         self._init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the lm head when the config ties them (again after
+        a load that assigned them as two tensors)."""
+        # a quantized tied head (model/quant.py) reads the int8 embedding table itself
+        if (
+            self.config.tie_embeddings
+            and self.config.head == "lm"
+            and isinstance(self.lm_head, nn.Linear)
+        ):
+            self.lm_head.weight = self.tok_emb.weight
 
     def _init_weights(self) -> None:
         # GPT-2: N(0, 0.02) everywhere, with the projections that write into the residual
@@ -405,6 +476,10 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+        if self.config.head == "score":  # a small start, so the initial rewards sit near 0
+            nn.init.normal_(
+                self.score.weight, mean=0.0, std=1.0 / math.sqrt(self.config.d_model + 1)
+            )
         std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.o_proj.weight, mean=0.0, std=std)
@@ -413,11 +488,11 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once). `non_embedding` drops the lookup-only tables:
         the position embedding, and the token embedding unless it doubles as the lm head."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("aux."))
         if non_embedding:
             if self.config.pos == "learned":
                 n -= self.pos_emb.weight.numel()
-            if not self.config.tie_embeddings:
+            if not self.config.tie_embeddings or self.config.head != "lm":
                 n -= self.tok_emb.weight.numel()
         return n
 
@@ -434,17 +509,19 @@ class GPT(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        static: bool = False,
     ) -> KVCache:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt included);
-        device and dtype default to the model's."""
+        device and dtype default to the model's. `static` gives a `StaticKVCache` (fixed
+        shapes, for CUDA-graph decoding)."""
         if not self.config.causal:
             raise ValueError("a KV cache needs a causal model; this one has causal=False")
         if max_len > self.config.max_seq_len:
             raise ValueError(
                 f"cache max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
-        weight = self.norm_f.weight  # a float tensor also when the embedding is quantized
-        return KVCache(
+        weight = self.tok_emb.weight
+        return (StaticKVCache if static else KVCache)(
             self.config.n_layer,
             batch_size,
             self.config.n_kv_head,
@@ -489,20 +566,38 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        hidden_layers: tuple[int, ...] | list[int] = (),
         logits_to_keep: int = 0,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, T, V] for tokens `idx` [B, T] (and the final-norm hidden states
-        [B, T, d_model] when `return_hidden`). `logits_to_keep=n > 0` computes the logits of
-        the last n positions only, [B, n, V], as transformers' argument of that name: a prefill
-        needs just the last, and the lm head is the largest matmul of a small model.
+        labels: torch.Tensor | None = None,
+        cache_slots: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Logits [B, T, V] for tokens `idx` [B, T] (scores [B, T, 1] for a reward model).
+        `return_hidden` adds the final-norm hidden states [B, T, d_model]: `(logits, hidden)`.
+        `hidden_layers` adds the residual stream at those depths, as transformers counts them
+        (0 = the embeddings, i = the output of block i, 1-based): `(logits, [h, ...])`, for
+        feature distillation. `logits_to_keep=n > 0` computes the logits of the last n
+        positions only, [B, n, V], as transformers' argument of that name: a prefill needs just
+        the last, and the lm head is the largest matmul of a small model.
+
+        `labels` [B, T] (IGNORE = -100 where no loss) returns `(summed cross-entropy in fp32,
+        number of labels)` instead of logits: the loss is then part of the forward, so
+        torch.compile fuses the upcast and log-softmax of the largest tensor of a step (the
+        [B, T, V] logits) instead of materializing them in fp32.
 
         `attention_mask` [B, S] (S = cached length + T) marks real tokens True, for padding.
         `position_ids` [B, T] default to the count of real tokens before each one
         (`cumsum(mask) - 1`, clamped at 0) when a mask is given, else `cache.length + arange(T)`.
         With `cache`, the new keys/values are stored at `cache.length`, which then advances.
+        With a `StaticKVCache`, they go to the slots `cache_slots` [T] names instead, and
+        `position_ids` [B, T] and `attention_mask` [B, T] (the new tokens' real/padding flags)
+        are given by the caller; the cache's length is the caller's to keep.
         """
         cfg = self.config
         B, T = idx.shape
+        if isinstance(cache, StaticKVCache):
+            return self._forward_static(
+                idx, position_ids, attention_mask, cache, cache_slots, logits_to_keep
+            )
         past = 0
         if cache is not None:
             if not cfg.causal:
@@ -552,29 +647,80 @@ class GPT(nn.Module):
             position_ids, key_positions, attention_mask, past, x.dtype
         )
 
+        if return_hidden and hidden_layers:
+            raise ValueError("ask for return_hidden or hidden_layers, not both")
+        for i in hidden_layers:
+            if not 0 <= i <= cfg.n_layer:
+                raise ValueError(f"hidden_layers: {i} is not in 0..{cfg.n_layer}")
+        states = {0: x} if 0 in hidden_layers else {}
         checkpointing = self.gradient_checkpointing and self.training and cache is None
         for layer, block in enumerate(self.blocks):
             if checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, mask, is_causal, None, layer, use_reentrant=False)
             else:
                 x = block(x, rope, mask, is_causal, cache, layer)
+            if layer + 1 in hidden_layers:
+                states[layer + 1] = x
         if cache is not None:
             cache.length = kv_len
         hidden = self.norm_f(x)
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+        head = self.score if cfg.head == "score" else self.lm_head
+        logits = head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+        if labels is not None:
+            return token_loss(logits, labels)
+        if hidden_layers:
+            return logits, [states[i] for i in hidden_layers]
         return (logits, hidden) if return_hidden else logits
+
+    def _forward_static(
+        self,
+        idx: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        new_mask: torch.Tensor | None,
+        cache: StaticKVCache,
+        slots: torch.Tensor | None,
+        logits_to_keep: int,
+    ) -> torch.Tensor:
+        """`forward` over a StaticKVCache: every shape fixed, no host-side lengths, so the
+        one-token decoding step can run as a CUDA graph. Same arithmetic as the plain path."""
+        cfg = self.config
+        if position_ids is None or slots is None:
+            raise ValueError("a static KV cache needs position_ids and cache_slots")
+        new_mask = torch.ones_like(idx, dtype=torch.bool) if new_mask is None else new_mask.bool()
+        cache.key_mask.index_copy_(1, slots, new_mask)
+        cache.positions.index_copy_(1, slots, position_ids)
+        x = self.tok_emb(idx)
+        if cfg.pos == "learned":
+            x = x + self.pos_emb(position_ids)
+        elif cfg.pos == "sinusoidal":
+            x = x + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
+        rope = None
+        if cfg.pos == "rope":
+            rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        mask, is_causal = self._attention_mask(
+            position_ids, cache.positions, cache.key_mask, slots, x.dtype
+        )
+        cache.slots = slots
+        try:
+            for layer, block in enumerate(self.blocks):
+                x = block(x, rope, mask, is_causal, cache, layer)
+        finally:
+            cache.slots = None
+        hidden = self.norm_f(x)
+        return self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
 
     def _attention_mask(
         self,
         query_positions: torch.Tensor,
         key_positions: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        past: int,
+        past: int | torch.Tensor,
         dtype: torch.dtype,
     ) -> tuple[torch.Tensor | None, bool]:
         """SDPA's (attn_mask, is_causal). Without padding or a position bias this stays
         (None, causal) so the flash kernels run; otherwise a bool mask or an additive float
-        bias [B, H, T, S] with -inf where attention is not allowed."""
+        bias [B, H, T, S] with -inf where attention is not allowed. `past` is the number of
+        cached slots before the queries, or (static cache) the queries' slots as a tensor [T]."""
         cfg = self.config
         T, S = query_positions.shape[1], key_positions.shape[1]
         device = query_positions.device
@@ -594,10 +740,12 @@ class GPT(nn.Module):
                 bias = self.rel_bias(buckets).permute(0, 3, 1, 2)
             bias = bias.to(dtype)
 
-        if bias is None and attention_mask is None and not (past and T > 1):
+        static = isinstance(past, torch.Tensor)
+        if not static and bias is None and attention_mask is None and not (past and T > 1):
             # plain training/prefill (causal via is_causal) or one-token decoding (sees all)
             return None, cfg.causal and past == 0
-        query_slots = torch.arange(past, S, device=device)[:, None]
+        first = past if static else torch.arange(past, S, device=device)
+        query_slots = first[:, None]
         key_slots = torch.arange(S, device=device)[None, :]
         allowed = (key_slots <= query_slots) if cfg.causal else None  # [T, S]
         if attention_mask is not None:

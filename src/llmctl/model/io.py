@@ -5,6 +5,16 @@ The layout follows Hugging Face conventions (tied lm head stored once, as `tok_e
 through safetensors, metadata through JSON, and every tensor is checked for name, shape,
 dtype and finiteness before the model is built.
 
+Two tables make the format extensible without branches here:
+- model types: `register_model("llmctl-gpt", GPTConfig, GPT)`; `config.json`'s `model_type`
+  picks the classes (RWKV registers its own). A model class follows the contract in
+  `model/contract.py`.
+- module swaps: `register_swap("quantization", apply, describe)`. A checkpoint whose
+  `config.json` holds a `quantization` (or `lora`, ...) block is rebuilt by calling
+  `apply(model, block)` on the model (built on the meta device) before its weights load, so
+  swapped Linear layers (quantized, LoRA) come back as they were saved; `describe(model)`
+  writes the block at save time (None when the model has no such modules).
+
 Example:
     >>> save_checkpoint(tmp / "ckpt", model, {"tokenizer.json": tok_path})
     >>> model = load_model(tmp / "ckpt", device="cuda", dtype=torch.bfloat16)
@@ -12,79 +22,119 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from llmctl.model.gpt import GPT, GPTConfig
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MODEL_TYPE = "llmctl-gpt"
-ARCHITECTURES = ["LlmctlGPT"]
 _META_KEYS = ("model_type", "architectures", "dtype")
 
-# config.json blocks that change the model's modules (e.g. "quantization"): key -> a function
-# that swaps modules on the freshly built meta model before the weights are loaded. The
-# quantized model keeps the block as an attribute of the same name, which save_checkpoint
-# writes back.
-_SWAPS: dict[str, Callable[[GPT, dict[str, Any]], None]] = {}
+
+@dataclass(frozen=True)
+class ModelType:
+    """One registered architecture: `config.json`'s `model_type` → config and model classes."""
+
+    name: str
+    config_cls: type
+    model_cls: type
+    architectures: tuple[str, ...]
 
 
-def register_swap(key: str, fn: Callable[[GPT, dict[str, Any]], None]) -> None:
-    """Let config.json's `key` block rebuild modules of the meta model before loading."""
-    _SWAPS[key] = fn
+@dataclass(frozen=True)
+class Swap:
+    """Module swaps recorded in a `config.json` block (see the module docstring)."""
+
+    key: str
+    apply: Callable[[nn.Module, dict[str, Any]], None]
+    describe: Callable[[nn.Module], dict[str, Any] | None]
 
 
-def _register_builtin_swaps() -> None:
-    if "quantization" not in _SWAPS:
-        from llmctl.model.quant import apply_quantization
+MODEL_TYPES: dict[str, ModelType] = {}
+SWAPS: dict[str, Swap] = {}
+# Where the swaps live: imported when a checkpoint needs them (model/ stays light to import).
+SWAP_MODULES = {"quantization": "llmctl.model.quant", "lora": "llmctl.model.lora"}
 
-        register_swap("quantization", apply_quantization)
+
+def register_model(
+    name: str, config_cls: type, model_cls: type, architectures: tuple[str, ...] = ()
+) -> None:
+    """Make `load_model` build `model_cls(config_cls.from_dict(...))` for `model_type: name`."""
+    MODEL_TYPES[name] = ModelType(
+        name, config_cls, model_cls, architectures or (model_cls.__name__,)
+    )
 
 
-def _fixed_dtype_names(model: GPT) -> set[str]:
-    """Tensors whose dtype is part of the format (int8 weights, float16 int4 scales), not the
-    checkpoint's float dtype: modules list them in `fixed_dtypes`."""
-    names = set()
-    for prefix, module in model.named_modules():
-        for t in getattr(module, "fixed_dtypes", ()):
-            names.add(f"{prefix}.{t}" if prefix else t)
-    return names
+def register_swap(
+    key: str,
+    apply: Callable[[nn.Module, dict[str, Any]], None],
+    describe: Callable[[nn.Module], dict[str, Any] | None],
+) -> None:
+    """Record and rebuild module swaps through the `config.json` block named `key`."""
+    SWAPS[key] = Swap(key, apply, describe)
+
+
+def _swaps() -> dict[str, Swap]:
+    for module in SWAP_MODULES.values():
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise  # the module exists but something it needs is missing: a real error
+    return SWAPS
+
+
+def model_type_of(model: nn.Module) -> ModelType:
+    """The registered type of a model instance (ValueError for an unregistered class)."""
+    for t in MODEL_TYPES.values():
+        if type(model) is t.model_cls:
+            return t
+    raise ValueError(f"{type(model).__name__} is not a registered model type")
+
+
+register_model(MODEL_TYPE, GPTConfig, GPT, ("LlmctlGPT",))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _saved_state(model: GPT) -> dict[str, torch.Tensor]:
+def _saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
     # A tied lm head shares storage with the token embedding; safetensors refuses shared
     # storage, and HF stores the tie once too, so it is dropped here and re-tied on load.
-    state = model.state_dict()
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)  # a quantized tied head owns no tensors
+    # Trainable extras (`aux.*`: a distillation projection, a value head) never ship.
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("aux.")}
+    if getattr(model.config, "tie_embeddings", False) and "lm_head.weight" in state:
+        del state["lm_head.weight"]
     return state
 
 
 def save_checkpoint(
-    dir: str | Path, model: GPT, extra_files: dict[str, Path | bytes] | None = None
+    dir: str | Path, model: nn.Module, extra_files: dict[str, Path | bytes] | None = None
 ) -> Path:
     """Write `model.safetensors` and `config.json` into `dir` (created if needed), plus each
     `extra_files` entry: name -> a file to copy or the bytes to write. Returns `dir`.
     Refuses (ValueError) a model with non-finite weights, before writing anything.
     The caller makes the directory's publication atomic (see artifacts.py)."""
     out = Path(dir)
-    _register_builtin_swaps()
+    mtype = model_type_of(model)
     state = {k: v.detach().contiguous().cpu() for k, v in _saved_state(model).items()}
-    fixed = _fixed_dtype_names(model)
-    dtypes = {t.dtype for k, t in state.items() if k not in fixed}
+    # Floating tensors share one dtype (config.json's `dtype`); integer ones (quantized
+    # weights) keep theirs, which the model rebuilt from config.json expects.
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) != 1:
         raise ValueError(f"save_checkpoint: model mixes dtypes {sorted(map(str, dtypes))}")
     # safetensors stores NaN/Inf without complaint; a model that holds them is broken, and
@@ -106,14 +156,14 @@ def save_checkpoint(
     os.chmod(out / WEIGHTS_FILE, 0o644)
     config = {
         **model.config.to_dict(),
-        "model_type": MODEL_TYPE,
-        "architectures": ARCHITECTURES,
+        "model_type": mtype.name,
+        "architectures": list(mtype.architectures),
         "dtype": _dtype_name(dtypes.pop()),
     }
-    for key in _SWAPS:
-        block = getattr(model, key, None)
+    for swap in _swaps().values():
+        block = swap.describe(model)
         if block is not None:
-            config[key] = block
+            config[swap.key] = block
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -126,27 +176,43 @@ def _read_config(dir: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{path}: model_type is not {MODEL_TYPE!r}")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    if data.get("model_type") not in MODEL_TYPES:
+        known = ", ".join(sorted(MODEL_TYPES))
+        raise ValueError(f"{path}: model_type {data.get('model_type')!r} is not one of {known}")
     return data
 
 
-def load_config(dir: str | Path) -> GPTConfig:
-    """The GPTConfig stored in `dir/config.json`; ValueError naming the file if it is bad."""
+def load_config(dir: str | Path) -> Any:
+    """The model config stored in `dir/config.json` (a GPTConfig, or the registered type's);
+    ValueError naming the file if it is bad."""
     path = Path(dir) / CONFIG_FILE
     data = _read_config(Path(dir))
-    _register_builtin_swaps()
-    skip = (*_META_KEYS, *_SWAPS)
+    mtype = MODEL_TYPES[data["model_type"]]
+    skip = set(_META_KEYS) | set(_swaps())
     try:
-        return GPTConfig.from_dict({k: v for k, v in data.items() if k not in skip})
+        return mtype.config_cls.from_dict({k: v for k, v in data.items() if k not in skip})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
 
 
+def build_model(config: Any, blocks: dict[str, Any] | None = None) -> nn.Module:
+    """A model of `config`'s registered type with the swaps of `blocks` ({"quantization":
+    {...}}) applied, on the current default device (use `torch.device("meta")` to defer)."""
+    mtype = next((t for t in MODEL_TYPES.values() if type(config) is t.config_cls), None)
+    if mtype is None:
+        raise ValueError(f"{type(config).__name__} is not a registered model config")
+    model = mtype.model_cls(config)
+    for key, block in (blocks or {}).items():
+        _swaps()[key].apply(model, block)
+    return model
+
+
 def load_model(
     dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> GPT:
-    """Build the GPT saved in `dir` on `device` (cast to `dtype` if given), in eval mode.
+) -> Any:
+    """Build the model saved in `dir` on `device` (cast to `dtype` if given), in eval mode.
     Raises ValueError naming the file and tensor for a missing, unexpected, misshapen,
     wrongly typed or non-finite tensor."""
     dir = Path(dir)
@@ -154,17 +220,11 @@ def load_model(
     data = _read_config(dir)
     saved_dtype = data.get("dtype")
     path = dir / WEIGHTS_FILE
+    blocks = {k: data[k] for k in _swaps() if k in data}
     with torch.device("meta"):
-        model = GPT(config)
-        for key, swap in _SWAPS.items():
-            if key in data:
-                try:
-                    swap(model, data[key])
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"{dir / CONFIG_FILE}: {e}") from None
-    fixed = _fixed_dtype_names(model)
+        model = build_model(config, blocks)
     expected = {
-        k: (tuple(v.shape), _dtype_name(v.dtype) if k in fixed else saved_dtype)
+        k: (tuple(v.shape), saved_dtype if v.is_floating_point() else _dtype_name(v.dtype))
         for k, v in _saved_state(model).items()
     }
     state: dict[str, torch.Tensor] = {}
@@ -188,12 +248,12 @@ def load_model(
                         f"{path}: tensor {name} is {_dtype_name(tensor.dtype)}, "
                         f"config.json says {dtype_name}"
                     )
-                if not torch.isfinite(tensor).all():
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise ValueError(f"{path}: tensor {name} has NaN or infinite values")
-                if name in fixed and tensor.data_ptr() % 64:
+                if not tensor.is_floating_point() and tensor.data_ptr() % 64:
                     # torch's int8/int4 CPU kernels assume 64-byte aligned weights (an
                     # unaligned int8 table segfaults _weight_int8pack_mm in bf16 for >= 4
-                    # rows); tensors read from the file can start anywhere.
+                    # rows), and a tensor read from the file can start anywhere.
                     tensor = tensor.clone()
                 state[name] = tensor
     except FileNotFoundError:
@@ -201,6 +261,7 @@ def load_model(
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
-        model.lm_head.weight = model.tok_emb.weight
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    # Module.to casts floating tensors only: quantized integer weights stay integers.
     return model.to(device=device, dtype=dtype).eval()

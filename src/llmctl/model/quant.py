@@ -3,7 +3,7 @@
 Schemes (`QuantSpec.method`):
 - `int8`: weight-only; each output channel (row) of a Linear is int8 with one scale,
   symmetric: w ≈ q * s, q in [-127, 127], s = max|row| / 127.
-- `int4`: weight-only, group-wise: every `group_size` consecutive inputs of a row share a float16
+- `int4`: weight-only, group-wise: every `group_size` consecutive inputs of a row share a
   scale; symmetric (q in [-8, 7], s = max|group| / 7.5, stored as the nibble q + 8) or, with
   `zero_point`, asymmetric (nibble in [0, 15], w ≈ (nibble - z) * s, one uint8 zero point z per
   group). Two nibbles per byte: column 2j in the low nibble, 2j+1 in the high one. A width K
@@ -21,13 +21,14 @@ head reads the embedding's int8 table (stored once), an untied one is int8 per c
 On disk (`model.safetensors`, plain integer and float tensors, never tensor subclasses), for a
 quantized Linear or embedding `P`:
     P.qweight      int8 [N, K] (int8/dynamic/static, embedding) or uint8 [N, ceil(K/2)] (int4)
-    P.scale        [N] in the checkpoint's dtype (int8), float16 [N, K/g] (int4)
+    P.scale        [N] (int8) or [N, K/g] (int4), in the checkpoint's float dtype
     P.zero         uint8 [N, K/g] (int4 with zero points only)
-    P.input_scale  float32 [1] (static only)
+    P.input_scale  [1] (static only), in the checkpoint's float dtype
     P.bias         the checkpoint's dtype (when the layer has one)
 and config.json holds `"quantization": {"format": 1, "method", "group_size", "zero_point",
-"quantize_embeddings", "modules": [...]}`. `model.io.load_model` sees the block, swaps the
-modules on the meta model (`apply_quantization`), then loads and checks every tensor.
+"quantize_embeddings", "modules": [...]}`: `io.register_swap("quantization", ...)` at the end
+of this module makes `save_checkpoint` write it and `load_model` swap the modules on the meta
+model (`apply_quantization`) before it loads and checks every tensor.
 
 Kernels (why not torchao): torchao 0.18 imports on torch 2.13 CPU and its int8 weight-only,
 int8 dynamic and QAT fake-quant paths run, but its int4 weight-only does not run on CPU (it
@@ -58,12 +59,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmctl.model.io import register_swap
+
 METHODS = ("int8", "int4", "dynamic", "static", "qat")
 OBSERVERS = ("minmax", "percentile")
 FORMAT = 1
 KERNEL_GROUPS = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
 _TINY = 1e-12  # a row or group of zeros still gets a positive scale
-_FP16_TINY = 2.0**-24 * 16  # int4 scales are float16: keep them out of the deep subnormals
 
 
 @dataclass(frozen=True)
@@ -131,25 +133,27 @@ def int4_group(width: int, group_size: int) -> int:
     return g if g * 2 >= group_size else width
 
 
-def _fp16_up(x: torch.Tensor) -> torch.Tensor:
-    """float16 of `x` rounded up, so the grid still spans the group's range: every weight is
-    then within half a step of its code."""
-    h = x.half()
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` (float32) in `dtype`, rounded up: the grid then still spans the group's range, so
+    every weight is within half a step of its code (bf16 scales would otherwise clip)."""
+    h = x.to(dtype)
     return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
 
 
 def int4_qparams(
     w: torch.Tensor, group: int, zero_point: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale float16 [N, K/group], zero uint8 [N, K/group] or None) for weight `w` [N, K]."""
+    """(scale [N, K/group] in w's dtype, zero uint8 [N, K/group] or None) for `w` [N, K]."""
+    dtype = w.dtype
+    tiny = max(torch.finfo(dtype).tiny, _TINY)
     g = w.detach().float().reshape(w.shape[0], -1, group)
     if zero_point:
         lo = g.amin(-1).clamp(max=0)
         hi = g.amax(-1).clamp(min=0)
-        scale = _fp16_up(((hi - lo) / 15.0).clamp(min=_FP16_TINY))
+        scale = _round_up(((hi - lo) / 15.0).clamp(min=tiny), dtype)
         zero = torch.round(-lo / scale.float()).clamp(0, 15).to(torch.uint8)
         return scale, zero
-    return _fp16_up((g.abs().amax(-1) / 7.5).clamp(min=_FP16_TINY)), None
+    return _round_up((g.abs().amax(-1) / 7.5).clamp(min=tiny), dtype), None
 
 
 def int4_codes(
@@ -233,8 +237,6 @@ class Int8Linear(nn.Module):
     """A Linear with int8 weights per output channel. `act`: None (weight-only), "dynamic"
     (per-token int8 activations) or "static" (one calibrated activation scale)."""
 
-    fixed_dtypes = ("qweight", "input_scale")
-
     def __init__(
         self, in_features: int, out_features: int, bias: bool, act: str | None = None
     ) -> None:
@@ -244,7 +246,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         if act == "static":
-            self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32))
+            self.register_buffer("input_scale", torch.ones(1))
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, act: str | None = None) -> Int8Linear:
@@ -265,7 +267,7 @@ class Int8Linear(nn.Module):
             if self.act == "dynamic":
                 xq, s = quantize_rows(x)
             else:
-                s = self.input_scale
+                s = self.input_scale.float()
                 xq = torch.round(x.float() / s).clamp(-127, 127)
             # integer-valued activations (exact in bf16 and fp32) times int8 weights
             y = int8_matmul(xq.to(x.dtype), self.qweight, self.scale) * s.to(x.dtype)
@@ -278,8 +280,6 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """A Linear with group-wise int4 weights, two per byte (see the module docstring)."""
 
-    fixed_dtypes = ("qweight", "scale", "zero")
-
     def __init__(
         self, in_features: int, out_features: int, bias: bool, group: int, zero_point: bool
     ) -> None:
@@ -288,7 +288,7 @@ class Int4Linear(nn.Module):
         groups = in_features // group
         packed = torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8)
         self.register_buffer("qweight", packed)
-        self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float16))
+        self.register_buffer("scale", torch.ones(out_features, groups))
         zero = torch.zeros(out_features, groups, dtype=torch.uint8) if zero_point else None
         self.register_buffer("zero", zero)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -351,8 +351,6 @@ class Int4Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """A token embedding stored int8 per row (one scale per token)."""
 
-    fixed_dtypes = ("qweight",)
-
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -369,6 +367,12 @@ class Int8Embedding(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scale.float()[:, None]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table dequantized, in the model's float dtype and on its device, which is what
+        the model contract reads `tok_emb.weight` for (a copy, made on each access)."""
+        return self.dequantize().to(self.scale.dtype)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.qweight).to(self.scale.dtype) * self.scale[idx][..., None]
@@ -437,7 +441,7 @@ def _swap_linear(lin: nn.Linear, spec: QuantSpec) -> nn.Module:
     return Int8Linear.from_linear(lin, act)
 
 
-def describe(model: nn.Module) -> list[dict[str, Any]]:
+def quantized_modules(model: nn.Module) -> list[dict[str, Any]]:
     """One row per quantized module: name, kind, shape, and the group (int4) used."""
     rows = []
     for name, m in model.named_modules():
@@ -487,7 +491,7 @@ def quantize(
             setattr(parent, name.rsplit(".", 1)[-1], new)
     if spec.quantize_embeddings:
         _quantize_embeddings(model)
-    modules = [r["module"] for r in describe(model)]
+    modules = [r["module"] for r in quantized_modules(model)]
     block = spec.block(modules)
     model.quantization = block  # save_checkpoint writes it into config.json
     return block
@@ -603,3 +607,10 @@ def checkpoint_bytes_estimate(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+def _block(model: nn.Module) -> dict[str, Any] | None:
+    return getattr(model, "quantization", None)
+
+
+register_swap("quantization", apply_quantization, _block)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmctl.model.gpt import GPT
+from llmctl.model.contract import LanguageModel
 
 NEG = -1.0e9  # "impossible" score in beam search, as transformers uses
 
@@ -74,6 +74,9 @@ class GenerationParams:
     )
     draft_k: int = _opt(4, "Tokens the draft model proposes per speculative step.")
     use_cache: bool = _opt(True, "Use the KV cache (false recomputes the whole prefix each step).")
+    cuda_graphs: bool = _opt(
+        True, "On CUDA, decode greedy/sampled rows as replayed CUDA graphs (static KV cache)."
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -343,16 +346,38 @@ class Stops:
 # --- running the model ------------------------------------------------------------------------
 
 
+def _decode_step(model: LanguageModel, cache: Any, tokens: torch.Tensor,
+                 positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One decoding step over a static KV cache (what `_graphed_step` captures)."""
+    return model(tokens, position_ids=positions, cache=cache, cache_slots=slot)
+
+
+_GRAPHED: list[Callable[..., torch.Tensor]] = []
+
+
+def _graphed_step() -> Callable[..., torch.Tensor]:
+    """`_decode_step` compiled into a CUDA graph (torch.compile's "reduce-overhead"): at batch
+    1 a small model's decoding is bound by kernel launches, not by memory bandwidth, and a
+    replayed graph launches the whole step at once. Compiled once per process."""
+    if not _GRAPHED:
+        _GRAPHED.append(torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True))
+    return _GRAPHED[0]
+
+
 class Runner:
     """Feeds tokens to a model for N rows of left-padded prompts, keeping the KV cache (or, with
-    `use_cache=False`, the whole token history to recompute). Returns float32 logits."""
+    `use_cache=False`, the whole token history to recompute). Returns float32 logits.
 
-    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], extra: int, *,
-                 pad_id: int = 0, use_cache: bool = True) -> None:  # fmt: skip
+    `static=True` (greedy and sampled decoding on CUDA) keeps the cache in a `StaticKVCache`
+    and runs each one-token step as a replayed CUDA graph; same arithmetic, same tokens."""
+
+    def __init__(self, model: LanguageModel, prompts: Sequence[Sequence[int]], extra: int, *,
+                 pad_id: int = 0, use_cache: bool = True, static: bool = False
+                 ) -> None:  # fmt: skip
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("every prompt needs at least one token")
         self.model = model
-        device = model.norm_f.weight.device
+        device = model.tok_emb.weight.device
         n, width = len(prompts), max(len(p) for p in prompts)
         self.ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
         # one mask buffer for the whole run; sliced per step (True = real token)
@@ -362,9 +387,21 @@ class Runner:
             self.mask[i, : width - len(p)] = False
         # without padding the model takes its fast path (no mask: SDPA's causal kernels)
         self.padded = any(len(p) != width for p in prompts)
-        self.cache = model.make_cache(n, width + extra) if use_cache else None
+        self.static = static and use_cache and getattr(model, "supports_static_cache", False)
+        self.cache = (
+            model.make_cache(n, width + extra, static=True)
+            if self.static
+            else model.make_cache(n, width + extra) if use_cache else None
+        )  # fmt: skip
         self.length = 0
-        model.use_decode_layout(n)  # 1-2 rows in float32 on CPU: 1.2-1.3x faster GEMVs
+        if self.static:
+            self.step = _graphed_step() if device.type == "cuda" else _decode_step
+            if device.type == "cuda":
+                for t in self.cache.tensors():  # written in place by every replay
+                    torch._dynamo.mark_static_address(t)
+            prompt_mask = self.mask[:, :width]
+            self.positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+            self.next_position = prompt_mask.long().sum(-1, keepdim=True)  # [N, 1]
 
     def _mask(self, length: int) -> torch.Tensor | None:
         return self.mask[:, :length] if self.padded else None
@@ -372,16 +409,29 @@ class Runner:
     def prefill(self) -> torch.Tensor:
         """Logits [N, V] after the prompts."""
         width = self.ids.shape[1]
-        logits = self.model(
-            self.ids, attention_mask=self._mask(width), cache=self.cache, logits_to_keep=1
-        )
+        if self.static:
+            slots = torch.arange(width, device=self.ids.device)
+            logits = self.model(self.ids, position_ids=self.positions, cache=self.cache,
+                                attention_mask=self.mask[:, :width], cache_slots=slots,
+                                logits_to_keep=1)  # fmt: skip
+        else:
+            logits = self.model(
+                self.ids, attention_mask=self._mask(width), cache=self.cache, logits_to_keep=1
+            )
         self.length = width
         return logits[:, -1].float()
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append `tokens` [N, T]; logits [N, T, V] at those positions."""
         T, end = tokens.shape[1], self.length + tokens.shape[1]
-        if self.cache is not None:
+        if self.static:
+            if T != 1:
+                raise ValueError("a static-cache runner feeds one token per row at a time")
+            slot = torch.full((1,), self.length, dtype=torch.long, device=tokens.device)
+            logits = self.step(self.model, self.cache, tokens, self.next_position, slot)
+            logits = logits.clone()  # a graph's output is overwritten by its next replay
+            self.next_position += 1
+        elif self.cache is not None:
             logits = self.model(tokens, attention_mask=self._mask(end), cache=self.cache)
         else:
             self.ids = torch.cat([self.ids, tokens], dim=1)
@@ -430,12 +480,15 @@ def _choose(scores: torch.Tensor, params: GenerationParams, gens: Sequence[torch
 Step = list[tuple[int, list[int]]]  # (row, tokens added this step) for rows still running
 
 
-def _sample_steps(model: GPT, prompts: Sequence[Sequence[int]], params: GenerationParams,
+def _sample_steps(model: LanguageModel, prompts: Sequence[Sequence[int]], params: GenerationParams,
                   stops: Stops, comps: list[Completion], gens: list[torch.Generator] | None,
                   pad_id: int) -> Iterator[Step]:  # fmt: skip
-    """Greedy or sampled decoding of all rows at once, one token per row per step."""
+    """Greedy or sampled decoding of all rows at once, one token per row per step (on CUDA
+    through a static cache replayed as a CUDA graph, unless `params.cuda_graphs` is off)."""
+    device = model.tok_emb.weight.device
+    static = params.cuda_graphs and device.type == "cuda"
     runner = Runner(model, prompts, params.max_new_tokens, pad_id=pad_id,
-                    use_cache=params.use_cache)  # fmt: skip
+                    use_cache=params.use_cache, static=static)  # fmt: skip
     hist = History(prompts, params, model.config.vocab_size, runner.ids.device)
     plain = hist.seen is None and hist.counts is None and hist.ngrams is None and not params.warps
     logits = runner.prefill()
@@ -468,9 +521,9 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int,
     return int(torch.multinomial(dist, 1, generator=gen))
 
 
-def _speculative_steps(model: GPT, draft: GPT, prompt: Sequence[int], params: GenerationParams,
-                       stops: Stops, comp: Completion, gen: torch.Generator | None,
-                       pad_id: int) -> Iterator[Step]:  # fmt: skip
+def _speculative_steps(model: LanguageModel, draft: LanguageModel, prompt: Sequence[int],
+                       params: GenerationParams, stops: Stops, comp: Completion,
+                       gen: torch.Generator | None, pad_id: int) -> Iterator[Step]:  # fmt: skip
     """One row: the draft proposes up to `draft_k` tokens, the target checks them in one forward
     and keeps the longest acceptable prefix plus one token of its own."""
     if draft.config.vocab_size != model.config.vocab_size:
@@ -548,7 +601,7 @@ def _speculative_steps(model: GPT, draft: GPT, prompt: Sequence[int], params: Ge
             d_pending = [drafts[-1], token] if k else [*d_pending, token]
 
 
-def _beam_search(model: GPT, prompts: Sequence[Sequence[int]], params: GenerationParams,
+def _beam_search(model: LanguageModel, prompts: Sequence[Sequence[int]], params: GenerationParams,
                  stops: Stops, pad_id: int) -> list[list[Completion]]:  # fmt: skip
     """transformers' beam search (the vectorized v4.50+ version), over our KV cache."""
     B, K, M = len(prompts), params.num_beams, params.max_new_tokens
@@ -634,29 +687,47 @@ def _beam_search(model: GPT, prompts: Sequence[Sequence[int]], params: Generatio
 # --- public API ---------------------------------------------------------------------------------
 
 
-def _check_causal(model: GPT, draft: GPT | None) -> None:
+def _check_causal(model: LanguageModel, draft: LanguageModel | None) -> None:
+    if getattr(model.config, "head", "lm") != "lm":
+        raise ValueError(
+            "this is a reward model (a score head, no token logits): it cannot generate"
+        )
     if not model.config.causal:
         raise ValueError("this is a masked-LM checkpoint: use fill_masks, not generation")
     if draft is not None and not draft.config.causal:
         raise ValueError("the draft model must be causal")
 
 
+def _decode_layout(model: LanguageModel, draft: LanguageModel | None, rows: int) -> None:
+    """Store the weights in the layout that decoding `rows` rows at a time reads fastest
+    (`use_decode_layout`, e.g. GPT's). Opt-in: generation inside training must leave the
+    training weights' layout alone (DDP buckets and fused optimizers hold views of it)."""
+    for m in (model, draft):
+        if m is not None and hasattr(m, "use_decode_layout"):
+            m.use_decode_layout(rows)
+
+
 @torch.inference_mode()
 def generate(
-    model: GPT,
+    model: LanguageModel,
     prompts: Sequence[Sequence[int]],
     params: GenerationParams,
     *,
     stops: Stops | None = None,
-    draft: GPT | None = None,
+    draft: LanguageModel | None = None,
     pad_id: int = 0,
     first_index: int = 0,
+    decode_layout: bool = False,
 ) -> list[list[Completion]]:
     """Complete each prompt (token ids): per prompt, `num_samples` completions (greedy or
     sampled) or `num_return_sequences` beams, best first. Prompts of different lengths are
     left-padded into one batch; results equal one-at-a-time generation. `first_index` is the
-    index of `prompts[0]` in the whole run, so seeds do not depend on batching."""
+    index of `prompts[0]` in the whole run, so seeds do not depend on batching.
+    `decode_layout` lets the weights be re-laid out for decoding speed (the CLI's choice)."""
     _check_causal(model, draft)
+    if decode_layout:
+        rows = 1 if draft is not None else len(prompts) * max(params.num_beams, params.num_samples)
+        _decode_layout(model, draft, rows)
     stops = stops or Stops(params.max_new_tokens)
     if params.num_beams > 1:
         if draft is not None:
@@ -668,7 +739,7 @@ def generate(
     gens = None
     if params.do_sample:
         seed = 0 if params.seed is None else params.seed
-        device = model.norm_f.weight.device
+        device = model.tok_emb.weight.device
         gens = [row_generator(seed, first_index + i // S, i % S, device) for i in range(len(rows))]
     if draft is not None:
         for i, prompt in enumerate(rows):  # speculation runs one row at a time
@@ -693,15 +764,16 @@ class Delta:
 
 @torch.inference_mode()
 def stream(
-    model: GPT,
+    model: LanguageModel,
     prompt: Sequence[int],
     params: GenerationParams,
     *,
     stops: Stops | None = None,
-    draft: GPT | None = None,
+    draft: LanguageModel | None = None,
     pad_id: int = 0,
     index: int = 0,
     sample: int = 0,
+    decode_layout: bool = False,
 ) -> Iterator[Delta]:
     """Generate one completion of one prompt, yielding a Delta per step (greedy, sampling or
     speculative; beam search cannot stream). Text deltas hold back a partial UTF-8 character
@@ -709,12 +781,14 @@ def stream(
     _check_causal(model, draft)
     if params.num_beams > 1:
         raise ValueError("beam search cannot stream: its best sequence is known only at the end")
+    if decode_layout:
+        _decode_layout(model, draft, 1)
     stops = stops or Stops(params.max_new_tokens)
     comp = Completion()
     gen = None
     if params.do_sample:
         seed = 0 if params.seed is None else params.seed
-        gen = row_generator(seed, index, sample, model.norm_f.weight.device)
+        gen = row_generator(seed, index, sample, model.tok_emb.weight.device)
     if draft is not None:
         steps = _speculative_steps(model, draft, prompt, params, stops, comp, gen, pad_id)
     else:
@@ -731,7 +805,7 @@ def stream(
 
 @torch.inference_mode()
 def fill_masks(
-    model: GPT,
+    model: LanguageModel,
     ids: Sequence[int],
     mask_id: int,
     params: GenerationParams,
@@ -745,7 +819,7 @@ def fill_masks(
     never filled in. Returns the filled ids."""
     if model.config.causal:
         raise ValueError("fill_masks needs a masked-LM (causal=False) model")
-    x = torch.tensor([list(ids)], dtype=torch.long, device=model.norm_f.weight.device)
+    x = torch.tensor([list(ids)], dtype=torch.long, device=model.tok_emb.weight.device)
     todo = (x[0] == mask_id).nonzero().flatten().tolist()
     if not todo:
         raise ValueError("the prompt has no mask token to fill")

@@ -2,7 +2,10 @@
 
 The loop pulls `next(stream)` once per micro-batch and saves `stream.state_dict()` with its
 state. `StepBatches` deals micro-batches from a random-access source (`source(i)` returns the
-i-th micro-batch of the whole run, e.g. `TokenStream.sample`), so that an optimizer step always
+i-th micro-batch of the whole run: one int array, e.g. `TokenStream.sample`, served under
+`tokens`, or a dict of named arrays such as tokens + loss mask + positions for packed SFT,
+or chosen/rejected + cached reference log-probs for DPO). `source(i)` must depend only on i
+(compute any shuffling or packing plan up front, from the seed), so that an optimizer step always
 consumes micro-batches `[step * world * accum, (step + 1) * world * accum)`, rank r taking
 its `accum` consecutive ones. One process with accumulation 2 therefore sees exactly what two
 processes with accumulation 1 see together, and the cursor is one integer.
@@ -11,6 +14,7 @@ Example:
     stream = StepBatches(tokens.sample, accum=4, rank=0, world=1)
     batch = next(stream)          # {"tokens": int64 tensor [B, T+1]}
     state = stream.state_dict()   # {"consumed": 1}
+    sft = StepBatches(lambda i: {"tokens": ids[i], "loss_mask": mask[i]})
 """
 
 from __future__ import annotations
@@ -21,13 +25,32 @@ from typing import Any
 import numpy as np
 import torch
 
+Source = Callable[[int], "np.ndarray | dict[str, np.ndarray]"]
+
+
+def as_tensors(
+    item: np.ndarray | dict[str, np.ndarray], key: str = "tokens"
+) -> dict[str, torch.Tensor]:
+    """A source item as tensors: integer arrays become int64, floats float32, bools stay bool."""
+    arrays = item if isinstance(item, dict) else {key: item}
+    out = {}
+    for name, arr in arrays.items():
+        arr = np.asarray(arr)
+        if arr.dtype.kind in "iu":
+            arr = arr.astype(np.int64, copy=False)
+        elif arr.dtype.kind == "f":
+            arr = arr.astype(np.float32, copy=False)
+        out[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    return out
+
 
 class StepBatches(Iterator[dict[str, torch.Tensor]]):
-    """This rank's micro-batches, in order, from `source(global_index) -> int array [B, L]`."""
+    """This rank's micro-batches, in order, from `source(global_index)`: an int array [B, L]
+    (served as `key`) or a dict of named arrays."""
 
     def __init__(
         self,
-        source: Callable[[int], np.ndarray],
+        source: Source,
         *,
         accum: int = 1,
         rank: int = 0,
@@ -45,9 +68,9 @@ class StepBatches(Iterator[dict[str, torch.Tensor]]):
         return (step * self.world + self.rank) * self.accum + a
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        arr = self.source(self.index(self.consumed))
+        item = self.source(self.index(self.consumed))
         self.consumed += 1
-        return {self.key: torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))}
+        return as_tensors(item, self.key)
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed": self.consumed, "accum": self.accum, "world": self.world}

@@ -97,6 +97,11 @@ def wrap(model: nn.Module, world: World, strategy: str = "ddp") -> nn.Module:
 
     for block in getattr(model, "blocks", []):
         fully_shard(block)
+    # Trainable extras (model.aux) run outside the model's forward: as units of their own,
+    # their parameters are gathered when the objective calls them.
+    for extra in getattr(model, "aux", {}).values():
+        if any(p.requires_grad for p in extra.parameters()):
+            fully_shard(extra)
     fully_shard(model)
     return model
 

@@ -5,14 +5,24 @@ Per optimizer step it runs `grad_accum` micro-batches (forward under bf16 autoca
 on CPU), sums the objective's loss over them and over ranks, divides the gradients by the total
 item count (so any split of the batch gives the same step), checks the loss and the pre-clip
 gradient norm are finite *before* touching the weights (and warns on a loss spike), clips, and
-steps AdamW at the scheduled LR. It logs to `metrics.jsonl`, evaluates every `eval_every` steps,
-and saves its whole state (weights, optimizer, every generator, the batch cursor, counters)
-every `save_every` steps into `writer.state_dir`, atomically. Calling it again with the same
-writer resumes from that state and continues bit for bit; a different config is refused.
+steps AdamW at the scheduled LR.
+
+What an objective reports besides its loss (`LossOutput.metrics`, each a (sum, count) pair:
+preference accuracy, reward margins, KL) is added up on the device over the micro-batches of a
+log window and reduced across ranks once, when the window is logged: no host sync per
+micro-batch. Every `eval_every` steps (and at the end) it evaluates `val()` with the same
+objective and runs each probe (an evaluation that is not a loss: a reward score of samples, a
+preference accuracy); both go to `metrics.jsonl`, the progress line and the result.
+
+It saves its whole state (trainable weights, optimizer, every generator, the batch cursor,
+counters) every `save_every` steps into `writer.state_dir`, atomically. Frozen parameters
+(`requires_grad=False`: a LoRA base, a reference) are not saved: the caller's fingerprint names
+what they were loaded from. Calling `train` again with the same writer resumes from that state
+and continues bit for bit; a different fingerprint is refused.
 
 Example:
     writer = Writer(art.dir, fingerprint=to_dict(cfg))
-    result = train(model, StepBatches(stream.sample), NextToken(), TrainConfig(steps=100), writer)
+    result = train(model, StepBatches(stream.sample), NextToken(), TrainSettings(steps=100), writer)
 """
 
 from __future__ import annotations
@@ -24,9 +34,9 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +49,7 @@ from llmctl.runtime import info, progress, warn
 from llmctl.train import distributed
 from llmctl.train.objectives import Objective
 from llmctl.train.optim import Schedule, build_optimizer, set_lr
+from llmctl.train.settings import TrainSettings
 from llmctl.train.state import (
     TENSORS,
     config_diff,
@@ -49,7 +60,6 @@ from llmctl.train.state import (
     set_rng_state,
 )
 
-PRECISIONS = ("auto", "float32", "bfloat16")
 # A step loss above SPIKE_FACTOR × the largest of the last SPIKE_WINDOW step losses is reported
 # (not fatal): Megatron's SPIKY_LOSS_FACTOR. Often a bad batch or an LR too high for the data.
 SPIKE_FACTOR = 10.0
@@ -77,49 +87,11 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to optimize; the command decides what (model, batches, objective)."""
-
-    steps: int
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup: int = 0
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
-    seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
-    compile: bool = False
-    activation_checkpointing: bool = False
-    strategy: str = "ddp"  # under torchrun: ddp or fsdp
-    eval_every: int = 0  # 0 = only at the end
-    save_every: int = 100  # 0 = only at the end
-    log_every: int = 10
-    flops_per_token: float = 0.0  # training FLOPs per token, for MFU (0 = not reported)
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "save_every", "clip"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"config key '{name}': must be >= 0, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise UsageError(f"config key 'seed': must be >= 0, got {self.seed}")
-        if self.log_every < 1:
-            raise UsageError(f"config key 'log_every': must be >= 1, got {self.log_every}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise UsageError("config keys 'lr' > 0 and 0 <= 'min_lr_ratio' <= 1 are required")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"config key 'dtype': {self.precision!r} is not one of {PRECISIONS}")
-
-
 @dataclass
 class TrainResult:
-    """What a run did. Losses are means per item (token); None when not measured."""
+    """What a run did. Losses are means per item (token, pair); None when not measured.
+    `metrics` holds the objective's own figures over the last log window, `val_metrics` those
+    of the last evaluation and probes."""
 
     steps: int
     start_step: int  # 0, or the step a resumed run continued from
@@ -129,6 +101,8 @@ class TrainResult:
     tokens_per_s: float | None  # over the steps this process ran, first one excluded
     mfu: float | None
     train_time_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    val_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class NonFiniteLoss(UsageError):
@@ -141,12 +115,18 @@ class Batches(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+# An evaluation that is not a loss: called with the (unwrapped) model, in eval mode and without
+# gradients, and the step, on every rank at each evaluation; returns figures to log (rank 0's
+# are written).
+Probe = Callable[[nn.Module, int], dict[str, float]]
+
+
 class Writer:
     """Where a run writes: `metrics.jsonl` and `_state/` inside the artifact being built.
 
     `fingerprint` is everything that determines the run's numbers (the command's resolved
-    config, the input's digest); a resume with a different fingerprint is refused. Only the
-    main rank writes.
+    config, the input's digest, a frozen base's digest); a resume with a different fingerprint
+    is refused. Only the main rank writes.
     """
 
     def __init__(self, dir: Path | str, fingerprint: dict[str, Any], *, main: bool = True):
@@ -215,6 +195,57 @@ def micro_seed(seed: int, index: int, stream: int = 0) -> int:
     return int(state.view(np.uint64)[0]) >> 1
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile and DDP wrappers (FSDP2 shards in place: itself)."""
+    inner = getattr(model, "_orig_mod", model)
+    return getattr(inner, "module", inner)
+
+
+class MetricSums:
+    """Named (sum, count) pairs added up on the device; read (and reduced) only when asked."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, metrics: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]) -> None:
+        for name, (total, count) in metrics.items():
+            acc = self.sums.get(name)
+            if acc is None:
+                acc = self.sums[name] = torch.zeros(2, dtype=torch.float64, device=self.device)
+            acc[0] += torch.as_tensor(total, device=self.device).detach().double().sum()
+            acc[1] += torch.as_tensor(count, device=self.device).double().sum()
+
+    def means(self, reduce: bool = True) -> dict[str, float]:
+        """{name: sum / count} (NaN where the count is 0), summed over ranks when `reduce`
+        (every rank must call it with the same names: one all-reduce for all of them)."""
+        if not self.sums:
+            return {}
+        names = sorted(self.sums)
+        stacked = torch.stack([self.sums[n] for n in names])
+        if reduce:
+            distributed.all_reduce_sum(stacked)
+        pairs = stacked.tolist()
+        return {n: (s / c if c else math.nan) for n, (s, c) in zip(names, pairs, strict=True)}
+
+    def state(self) -> dict[str, list[float]]:
+        return {n: t.tolist() for n, t in self.sums.items()}
+
+    def load(self, state: dict[str, list[float]]) -> None:
+        self.sums = {
+            n: torch.tensor(v, dtype=torch.float64, device=self.device) for n, v in state.items()
+        }
+
+
+@dataclass
+class EvalResult:
+    """Mean loss per item over `items`, and the objective's metrics as means."""
+
+    loss: float
+    items: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -223,15 +254,16 @@ def evaluate(
     *,
     seed: int = 0,
     precision: str = "auto",
-) -> tuple[float, int]:
-    """(mean loss per item, items) of `objective` over `batches`, in eval mode. Randomness
-    (MLM masks) comes from a generator seeded per batch, so every evaluation is the same."""
-    inner = getattr(model, "_orig_mod", model)
+) -> EvalResult:
+    """The objective's mean loss (and metrics) over `batches`, in eval mode. Randomness (MLM
+    masks) comes from a generator seeded per batch, so every evaluation is the same."""
+    inner = unwrap(model)
     was_training = inner.training
     model.eval()
     device = next(inner.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
+    metrics = MetricSums(device)
     gen = torch.Generator()
     try:
         for i, batch in enumerate(batches):
@@ -241,10 +273,11 @@ def evaluate(
                 out = objective(model, batch, gen)
             total += out.total.double()
             count += out.count
+            metrics.add(out.metrics)
     finally:
         model.train(was_training)
     n = int(count.item())
-    return (total.item() / n if n else math.nan), n
+    return EvalResult(total.item() / n if n else math.nan, n, metrics.means(reduce=False))
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -257,229 +290,324 @@ def train(
     model: nn.Module,
     batches: Batches,
     objective: Objective,
-    cfg: TrainConfig,
+    cfg: TrainSettings,
     writer: Writer,
     *,
     val: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
+    probes: Sequence[Probe] = (),
+    flops_per_token: float = 0.0,
 ) -> TrainResult:
     """Train `model` (already on its device) for `cfg.steps` optimizer steps, resuming from
-    `writer.state_dir` when a state is there. `val()` returns fresh validation batches."""
-    device = next(model.parameters()).device
-    world = distributed.current(device)
-    objective.check(model)
-    if cfg.activation_checkpointing:
-        if not hasattr(model, "gradient_checkpointing"):
-            raise UsageError("activation_checkpointing: this model does not support it")
-        model.gradient_checkpointing = True
-    model.train()
-    net = distributed.wrap(model, world, cfg.strategy)
-    optimizer = build_optimizer(
-        model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps
-    )
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if cfg.compile:
-        net = torch.compile(net)
-    sched = Schedule(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-    fingerprint = {**writer.fingerprint, "world_size": world.size}
+    `writer.state_dir` when a state is there. `val()` returns fresh validation batches;
+    `probes` run beside it; `flops_per_token` (training FLOPs) turns throughput into MFU."""
+    run = _Run(model, objective, cfg, writer)
+    run.restore(batches)
+    with run.running():
+        for step in range(run.start, cfg.steps):
+            run.step_start = time.perf_counter()
+            lr = run.sched(step)
+            set_lr(run.optimizer, lr)
+            loss, count, tokens, metrics = run.forward_backward(step, batches)
+            grad_norm = run.optimizer_step(step, loss, count)
+            run.record(step, loss, tokens, metrics, lr, grad_norm, flops_per_token)
+            done = step + 1
+            if run.due(cfg.eval_every, done) and (val is not None or probes):
+                run.evaluate(done, val, probes)
+            if run.due(cfg.save_every, done):
+                run.save(done, batches)
+            run.check_signals(done, batches)
+    return run.finish(batches, val, probes, flops_per_token)
 
-    # Saved with the state: a resumed run logs the same figures as an uninterrupted one, also
-    # when a save falls inside a logging window (window_loss/window_steps).
-    counters: dict[str, Any] = {
-        "tokens_seen": 0,
-        "train_loss": math.nan,
-        "val_loss": None,
-        "train_time_s": 0.0,
-        "window_loss": 0.0,
-        "window_steps": 0,
-    }
-    found = read_meta(writer.state_dir)
-    if found is not None:
+
+class _Run:
+    """The pieces of one `train` call, so that `train` reads as the loop it is."""
+
+    def __init__(
+        self, model: nn.Module, objective: Objective, cfg: TrainSettings, writer: Writer
+    ) -> None:
+        self.model, self.objective, self.cfg, self.writer = model, objective, cfg, writer
+        self.device = next(model.parameters()).device
+        self.world = distributed.current(self.device)
+        objective.check(model)
+        if cfg.activation_checkpointing:
+            if not hasattr(model, "gradient_checkpointing"):
+                raise UsageError("activation_checkpointing: this model does not support it")
+            model.gradient_checkpointing = True
+        model.train()
+        self.net = distributed.wrap(model, self.world, cfg.distributed.strategy)
+        self.optimizer = build_optimizer(
+            model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps
+        )
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.sched = Schedule(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        self.fingerprint = {**writer.fingerprint, "world_size": self.world.size}
+        # Saved with the state: a resumed run logs the same figures as an uninterrupted one,
+        # also when a save falls inside a logging window (window_loss/window_steps).
+        self.counters: dict[str, Any] = {
+            "tokens_seen": 0,
+            "train_loss": math.nan,
+            "val_loss": None,
+            "train_time_s": 0.0,
+            "window_loss": 0.0,
+            "window_steps": 0,
+            "metrics": {},
+            "val_metrics": {},
+        }
+        self.window_metrics = MetricSums(self.device)  # this rank's, until the window is logged
+        self.start = 0
+        self.saved_step: int | None = None
+        self.gen = torch.Generator()
+        self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)  # step losses, for spikes
+        self.peak = peak_flops(self.device)
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+        self.timed_steps, self.run_tokens, self.run_time = 0, 0, 0.0
+        self.step_start = 0.0
+        self.began = time.perf_counter()  # wall time of this process's run, for val records
+
+    def due(self, every: int, done: int) -> bool:
+        """Whether a periodic action (eval, save) falls after step `done`; the last step has
+        its own (finish)."""
+        return bool(every) and done % every == 0 and done < self.cfg.steps
+
+    # --- restore and save -------------------------------------------------------------------
+
+    def restore(self, batches: Batches) -> None:
+        found = read_meta(self.writer.state_dir)
+        if found is None:
+            torch.manual_seed(self.cfg.seed + self.world.rank)  # dropout differs across ranks
+            self.writer.rewind(0)
+            return
         path, meta = found
-        diff = config_diff(meta["fingerprint"], fingerprint)
+        diff = config_diff(meta["fingerprint"], self.fingerprint)
         if diff:
             changes = "; ".join(
-                f"{k}: {_get(meta['fingerprint'], k)!r} -> {_get(fingerprint, k)!r}" for k in diff
+                f"{k}: {_get(meta['fingerprint'], k)!r} -> {_get(self.fingerprint, k)!r}"
+                for k in diff
             )
             raise UsageError(
-                f"{writer.dir}: holds an interrupted run with different settings ({changes}); "
-                f"rerun with the same settings to resume, or delete {writer.dir} to start over"
+                f"{self.writer.dir}: holds an interrupted run with different settings "
+                f"({changes}); rerun with the same settings to resume, or delete "
+                f"{self.writer.dir} to start over"
             )
-        restore(model, optimizer, path / TENSORS, meta)
-        mine = meta["ranks"][world.rank]
+        restore(self.model, self.optimizer, path / TENSORS, meta)
+        mine = meta["ranks"][self.world.rank]
         set_rng_state(mine["rng"])
         batches.load_state_dict(mine["batches"])
-        start = meta["step"]
-        counters.update(meta["counters"])
-        if world.main:
-            info(f"resuming from step {start:,} of {cfg.steps:,} ({path})")
-    else:
-        start = 0
-        torch.manual_seed(cfg.seed + world.rank)  # dropout differs across ranks
-    writer.rewind(start)
-    saved_step = start if found is not None else None
+        self.window_metrics.load(mine.get("window_metrics", {}))
+        self.start = self.saved_step = meta["step"]
+        self.counters.update(meta["counters"])
+        if self.world.main:
+            info(f"resuming from step {self.start:,} of {self.cfg.steps:,} ({path})")
+        self.writer.rewind(self.start)
 
-    def save(step: int) -> None:
-        nonlocal saved_step
+    def save(self, step: int, batches: Batches) -> None:
         # A step whose loss and gradients were finite can still overflow the weights (a huge
         # lr): such weights must never replace the last good state.
-        bad = sum(not bool(torch.isfinite(_local(p)).all()) for p in params)
-        flag = torch.tensor([float(bad)], dtype=torch.float64, device=device)
+        bad = sum(not bool(torch.isfinite(_local(p)).all()) for p in self.params)
+        flag = torch.tensor([float(bad)], dtype=torch.float64, device=self.device)
         distributed.all_reduce_sum(flag)
         if flag.item():
-            kept = f"step {saved_step:,}" if saved_step is not None else "none saved yet"
+            kept = f"step {self.saved_step:,}" if self.saved_step is not None else "none saved yet"
             raise NonFiniteLoss(
                 f"step {step:,}: the optimizer step made {bad} parameter tensors non-finite; "
-                f"they were not saved (last good state: {kept}, in {writer.state_dir})"
+                f"they were not saved (last good state: {kept}, in {self.writer.state_dir})"
             )
-        ranks = distributed.gather_json(
-            {"rng": rng_state(), "batches": batches.state_dict()}, device
-        )
+        mine = {
+            "rng": rng_state(),
+            "batches": batches.state_dict(),
+            "window_metrics": self.window_metrics.state(),
+        }
+        ranks = distributed.gather_json(mine, self.device)
         save_state(
-            writer.state_dir,
+            self.writer.state_dir,
             step=step,
-            model=model,
-            optimizer=optimizer,
-            meta={"fingerprint": fingerprint, "ranks": ranks, "counters": counters},
-            write=world.main,
+            model=self.model,
+            optimizer=self.optimizer,
+            meta={"fingerprint": self.fingerprint, "ranks": ranks, "counters": self.counters},
+            write=self.world.main,
         )
         distributed.barrier()
-        saved_step = step
+        self.saved_step = step
+        self.window_start = time.perf_counter()
 
-    peak = peak_flops(device)
-    gen = torch.Generator()
-    window_tokens, window_start = 0, time.perf_counter()
-    timed_steps, run_tokens, run_time = 0, 0, 0.0
-    tokens_per_s = mfu = None
-    A, W = cfg.grad_accum, world.size
-    recent: deque[float] = deque(maxlen=SPIKE_WINDOW)  # step losses, for the spike warning
+    # --- one optimizer step -----------------------------------------------------------------
 
-    with _Signals() as signals, _progress(world.main, cfg.steps - start) as bar:
-        for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            lr = sched(step)
-            set_lr(optimizer, lr)
-            acc = torch.zeros(2, dtype=torch.float64, device=device)
-            tokens = 0
-            for a in range(A):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                gen.manual_seed(micro_seed(cfg.seed, (step * W + world.rank) * A + a))
-                with distributed.no_sync(net, last=a == A - 1):
-                    with autocast(device, cfg.precision):
-                        out = objective(net, batch, gen)
-                    out.total.backward()
-                acc[0] += out.total.detach()
-                acc[1] += out.count
-                tokens += out.tokens
-            distributed.all_reduce_sum(acc)
-            total, count = acc.tolist()
-            loss = total / count if count else math.nan
-            if not math.isfinite(loss):
-                _stop(step, f"loss is {loss}", saved_step, writer)
-            if world.main and recent and loss > SPIKE_FACTOR * max(recent) > 0:
-                warn(
-                    f"step {step + 1:,}: loss spike: {loss:.4g} is over {SPIKE_FACTOR:g}× the "
-                    f"largest of the last {len(recent)} steps ({max(recent):.4g}); continuing"
-                )
-            recent.append(loss)
-            # DDP/FSDP average gradients over ranks; make them d(sum of losses)/d(w) / count.
-            grads = [p.grad for p in params if p.grad is not None]
-            torch._foreach_mul_(grads, W / count)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            grad_norm = float(norm)
-            if not math.isfinite(grad_norm):
-                _stop(step, f"gradient norm is {grad_norm}", saved_step, writer)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Signals become a flag checked between steps; progress shows on the main rank."""
+        total = self.cfg.steps - self.start
+        with _Signals() as self.signals, _progress(self.world.main, total) as self.bar:
+            yield
 
-            done = step + 1
-            step_tokens = tokens * W
-            counters["tokens_seen"] += step_tokens
-            now = time.perf_counter()
-            counters["train_time_s"] += now - t0
-            counters["window_loss"] += loss
-            counters["window_steps"] += 1
-            window_tokens += step_tokens
-            timed_steps += 1
-            if timed_steps > 1:  # the first step (compilation, warm-up) is not timed
-                run_tokens += step_tokens
-                run_time += now - t0
+    def forward_backward(self, step: int, batches: Batches) -> tuple[float, float, int, MetricSums]:
+        """Run this step's micro-batches; returns (mean loss over the step's items on all
+        ranks, that item count, positions processed here, this rank's metric sums)."""
+        A, W, rank = self.cfg.grad_accum, self.world.size, self.world.rank
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        metrics = MetricSums(self.device)
+        tokens = 0
+        for a in range(A):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            self.gen.manual_seed(micro_seed(self.cfg.seed, (step * W + rank) * A + a))
+            with distributed.no_sync(self.net, last=a == A - 1):
+                with autocast(self.device, self.cfg.dtype):
+                    out = self.objective(self.net, batch, self.gen)
+                out.total.backward()
+            acc[0] += out.total.detach()
+            acc[1] += out.count
+            tokens += out.tokens
+            metrics.add(out.metrics)
+        distributed.all_reduce_sum(acc)
+        total, count = acc.tolist()  # the one host sync of a step: the loss must be checked
+        return (total / count if count else math.nan), count, tokens, metrics
 
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                elapsed = max(now - window_start, 1e-9)
-                rate = window_tokens / elapsed
-                counters["train_loss"] = counters["window_loss"] / counters["window_steps"]
-                record = {
-                    "step": done,
-                    "loss": counters["train_loss"],
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": counters["tokens_seen"],
-                    "tokens_per_s": round(rate, 1),
-                }
-                if peak and cfg.flops_per_token:
-                    record["mfu"] = round(rate * cfg.flops_per_token / (peak * W), 4)
-                writer.log(record)
-                fields = {
-                    "loss": f"{record['loss']:.4f}",
-                    "lr": f"{lr:.2e}",
-                    "tok/s": f"{rate:,.0f}",
-                }
-                if "mfu" in record:
-                    fields["mfu"] = f"{record['mfu']:.1%}"
-                bar.advance(counters["window_steps"], **fields)
-                counters["window_loss"], counters["window_steps"] = 0.0, 0
-                window_tokens, window_start = 0, time.perf_counter()
+    def optimizer_step(self, step: int, loss: float, count: float) -> float:
+        """Check the step's loss, scale, clip and check the gradients, step; the pre-clip norm."""
+        if not math.isfinite(loss):
+            _stop(step, f"loss is {loss}", self.saved_step, self.writer)
+        if self.world.main and self.recent and loss > SPIKE_FACTOR * max(self.recent) > 0:
+            warn(
+                f"step {step + 1:,}: loss spike: {loss:.4g} is over {SPIKE_FACTOR:g}× the "
+                f"largest of the last {len(self.recent)} steps ({max(self.recent):.4g}); continuing"
+            )
+        self.recent.append(loss)
+        # DDP/FSDP average gradients over ranks; make them d(sum of losses)/d(w) / count.
+        grads = [p.grad for p in self.params if p.grad is not None]
+        torch._foreach_mul_(grads, self.world.size / count)
+        clip = self.cfg.clip if self.cfg.clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        grad_norm = float(norm)
+        if not math.isfinite(grad_norm):
+            _stop(step, f"gradient norm is {grad_norm}", self.saved_step, self.writer)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
-            if (
-                val is not None
-                and cfg.eval_every
-                and done % cfg.eval_every == 0
-                and done < cfg.steps
-            ):
-                _eval(net, val, objective, cfg, writer, counters, done)
-                window_start = time.perf_counter()
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                save(done)
-                window_start = time.perf_counter()
-            if _stop_requested(signals, world):
-                save(done)
-                _interrupted(signals.received or signal.SIGTERM, done, writer)
+    # --- logging and evaluation -------------------------------------------------------------
 
-    if run_tokens:  # steps only: evaluations and saves are not counted
-        tokens_per_s = run_tokens / max(run_time, 1e-9)
-        if peak and cfg.flops_per_token:
-            mfu = tokens_per_s * cfg.flops_per_token / (peak * W)
-    if val is not None and (saved_step != cfg.steps or counters["val_loss"] is None):
-        _eval(net, val, objective, cfg, writer, counters, cfg.steps)
-    if saved_step != cfg.steps:
-        save(cfg.steps)  # a crash while publishing resumes straight to the end
-    return TrainResult(
-        steps=cfg.steps,
-        start_step=start,
-        train_loss=counters["train_loss"],
-        val_loss=counters["val_loss"],
-        tokens_seen=counters["tokens_seen"],
-        tokens_per_s=tokens_per_s,
-        mfu=mfu,
-        train_time_s=counters["train_time_s"],
-    )
+    def record(
+        self,
+        step: int,
+        loss: float,
+        tokens: int,
+        metrics: MetricSums,
+        lr: float,
+        grad_norm: float,
+        flops_per_token: float,
+    ) -> None:
+        """Count the step; write the log window when it is full."""
+        c, W = self.counters, self.world.size
+        done = step + 1
+        step_tokens = tokens * W
+        c["tokens_seen"] += step_tokens
+        now = time.perf_counter()
+        c["train_time_s"] += now - self.step_start
+        c["window_loss"] += loss
+        c["window_steps"] += 1
+        self.window_metrics.add({name: (t[0], t[1]) for name, t in metrics.sums.items()})
+        self.window_tokens += step_tokens
+        self.timed_steps += 1
+        if self.timed_steps > 1:  # the first step (compilation, warm-up) is not timed
+            self.run_tokens += step_tokens
+            self.run_time += now - self.step_start
+        if done % self.cfg.log_every and done != self.cfg.steps:
+            return
+        rate = self.window_tokens / max(now - self.window_start, 1e-9)
+        c["train_loss"] = c["window_loss"] / c["window_steps"]
+        c["metrics"] = self.window_metrics.means()
+        record = {
+            "step": done,
+            "loss": c["train_loss"],
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": c["tokens_seen"],
+            "tokens_per_s": round(rate, 1),
+            **c["metrics"],
+        }
+        if self.peak and flops_per_token:
+            record["mfu"] = round(rate * flops_per_token / (self.peak * W), 4)
+        self.writer.log(record)
+        fields = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{rate:,.0f}"}
+        fields |= {k: f"{v:.4g}" for k, v in c["metrics"].items()}
+        if "mfu" in record:
+            fields["mfu"] = f"{record['mfu']:.1%}"
+        self.bar.advance(c["window_steps"], **fields)
+        c["window_loss"], c["window_steps"] = 0.0, 0
+        self.window_metrics = MetricSums(self.device)
+        self.window_tokens, self.window_start = 0, time.perf_counter()
 
+    def evaluate(
+        self,
+        step: int,
+        val: Callable[[], Iterable[dict[str, torch.Tensor]]] | None,
+        probes: Sequence[Probe],
+    ) -> None:
+        record: dict[str, Any] = {"step": step}
+        if val is not None:
+            record["wall_s"] = round(time.perf_counter() - self.began, 3)
+            res = evaluate(self.net, val(), self.objective, seed=self.cfg.seed,
+                           precision=self.cfg.dtype)  # fmt: skip
+            self.counters["val_loss"] = res.loss
+            record |= {"val_loss": res.loss, "val_items": res.items}
+            record |= {f"val_{k}": v for k, v in res.metrics.items()}
+        if probes:  # probes see the model in eval mode, without gradients
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    for probe in probes:
+                        record |= probe(self.model, step)
+            finally:
+                self.model.train()
+        self.counters["val_metrics"] = {
+            k: v for k, v in record.items() if k not in ("step", "wall_s")
+        }
+        self.writer.log(record)
+        if self.world.main:
+            shown = ", ".join(
+                f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items()
+                if k not in ("step", "val_items", "wall_s") and isinstance(v, float)
+            )  # fmt: skip
+            info(f"step {step:,}: {shown}")
+        self.window_start = time.perf_counter()
 
-def _eval(
-    net: nn.Module,
-    val: Callable[[], Iterable[dict[str, torch.Tensor]]],
-    objective: Objective,
-    cfg: TrainConfig,
-    writer: Writer,
-    counters: dict[str, Any],
-    step: int,
-) -> None:
-    loss, n = evaluate(net, val(), objective, seed=cfg.seed, precision=cfg.precision)
-    counters["val_loss"] = loss
-    writer.log({"step": step, "val_loss": loss, "val_items": n})
-    if writer.main:
-        info(f"step {step:,}: val loss {loss:.4f}")
+    def check_signals(self, done: int, batches: Batches) -> None:
+        if _stop_requested(self.signals, self.world):
+            self.save(done, batches)
+            _interrupted(self.signals.received or signal.SIGTERM, done, self.writer)
+
+    def finish(
+        self,
+        batches: Batches,
+        val: Callable[[], Iterable[dict[str, torch.Tensor]]] | None,
+        probes: Sequence[Probe],
+        flops_per_token: float,
+    ) -> TrainResult:
+        cfg, c = self.cfg, self.counters
+        tokens_per_s = mfu = None
+        if self.run_tokens:  # steps only: evaluations and saves are not counted
+            tokens_per_s = self.run_tokens / max(self.run_time, 1e-9)
+            if self.peak and flops_per_token:
+                mfu = tokens_per_s * flops_per_token / (self.peak * self.world.size)
+        evaluated = c["val_loss"] is not None or bool(c["val_metrics"])
+        if (val is not None or probes) and (self.saved_step != cfg.steps or not evaluated):
+            self.evaluate(cfg.steps, val, probes)
+        if self.saved_step != cfg.steps:
+            self.save(cfg.steps, batches)  # a crash while publishing resumes straight to the end
+        return TrainResult(
+            steps=cfg.steps,
+            start_step=self.start,
+            train_loss=c["train_loss"],
+            val_loss=c["val_loss"],
+            tokens_seen=c["tokens_seen"],
+            tokens_per_s=tokens_per_s,
+            mfu=mfu,
+            train_time_s=c["train_time_s"],
+            metrics=dict(c["metrics"]),
+            val_metrics=dict(c["val_metrics"]),
+        )
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -21,23 +21,30 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmctl.errors import UsageError
+from llmctl.model.gpt import IGNORE, token_loss
 
-IGNORE = -100  # label value that contributes no loss (PyTorch's cross_entropy default)
+__all__ = ["IGNORE", "LossOutput", "MaskedLM", "Metric", "NextToken", "Objective", "token_loss"]
+
+
+# A metric an objective reports: (sum, count) over the micro-batch's items, as tensors on the
+# device (no .item()); the loop adds them up over a log window and across ranks, then logs
+# sum / count. An objective returns the same metric names on every call.
+Metric = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class LossOutput:
     """One micro-batch's loss: `total` (summed, differentiable) over `count` items; `tokens`
-    is how many positions the model processed (for throughput); `metrics` adds anything else."""
+    is how many positions the model processed (for throughput); `metrics` adds anything else
+    (e.g. {"accuracy": (correct.sum(), n)}), each reduced as sum / count."""
 
     total: torch.Tensor
     count: torch.Tensor
     tokens: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=dict)
 
 
 class Objective(Protocol):
@@ -51,20 +58,9 @@ class Objective(Protocol):
 
 
 def _config(model: nn.Module) -> Any:
-    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
     inner = getattr(inner, "module", inner)  # DDP
     return getattr(inner, "config", None)
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy in fp32, number of labels != IGNORE)."""
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-    return total, (labels != IGNORE).sum()
 
 
 @dataclass
@@ -92,7 +88,7 @@ class NextToken:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         if "loss_mask" in batch:
             labels = labels.masked_fill(batch["loss_mask"][:, 1:] == 0, IGNORE)
-        total, count = token_loss(model(inputs), labels)
+        total, count = model(inputs, labels=labels)  # the loss inside the (compiled) forward
         return LossOutput(total, count, tokens=inputs.numel())
 
 
@@ -152,5 +148,5 @@ class MaskedLM:
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> LossOutput:
         inputs, labels = self.mask(batch["tokens"], generator)
-        total, count = token_loss(model(inputs), labels)
+        total, count = model(inputs, labels=labels)
         return LossOutput(total, count, tokens=inputs.numel())

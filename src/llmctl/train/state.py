@@ -42,24 +42,35 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _options(gather: bool) -> Any:
+def _options(gather: bool, strict: bool = True) -> Any:
     # torch.distributed.checkpoint costs a second to import: only training pays for it.
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # Full (unsharded) tensors; when saving under a process group, gathered to rank 0's CPU.
-    return StateDictOptions(full_state_dict=True, cpu_offload=gather and _distributed())
+    return StateDictOptions(
+        full_state_dict=True, cpu_offload=gather and _distributed(), strict=strict
+    )
+
+
+def frozen_names(model: nn.Module) -> set[str]:
+    """State-dict names of parameters that do not train (a LoRA base, a frozen teacher): the
+    training state leaves them out; whoever built the model names their source in the run's
+    fingerprint."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def collect(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Full model and optimizer state dicts (every rank must call this: FSDP gathers shards;
-    under a process group only rank 0 receives them)."""
+    """Model (without frozen parameters) and optimizer state dicts, full, not sharded (every
+    rank must call this: FSDP gathers shards; under a process group only rank 0 gets them)."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
+    frozen = frozen_names(model)
+    msd = get_model_state_dict(model, options=_options(True))
     return (
-        get_model_state_dict(model, options=_options(True)),
+        {k: v for k, v in msd.items() if k not in frozen},
         get_optimizer_state_dict(model, optimizer, options=_options(True)),
     )
 
@@ -113,7 +124,11 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, info
         set_optimizer_state_dict,
     )
 
-    set_model_state_dict(model, msd, options=_options(False))
+    # Frozen parameters were not saved: they keep the values the caller loaded.
+    missing = sorted(set(model.state_dict()) - set(msd) - frozen_names(model))
+    if missing:
+        raise UsageError(f"{path}: training state lacks {', '.join(missing[:3])} (not this model)")
+    set_model_state_dict(model, msd, options=_options(False, strict=False))
     state = {"state": osd, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, state, options=_options(False))
 

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The commands as a user who typed `pip install llmctl` meets them: install the package into a
+# fresh venv WITHOUT dev extras (torch 2.13.0 first, from the wheel on this machine's disk), then
+# run each command once on bundled data. A runtime need that only the dev extras pulled in (as
+# lxml_html_clean once was) fails here. Each command that a later stage adds joins this list.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+PY=${PY:-python3}
+
+"$PY" -m venv "$work/venv"
+# pip's output is kept in a log and shown only when an install fails.
+pip() { "$work/venv/bin/pip" install --quiet "$@" >>"$work/pip.log" 2>&1 || { cat "$work/pip.log"; exit 1; }; }
+pip --upgrade pip
+pip torch==2.13.0
+pip "$root"
+llmctl="$work/venv/bin/llmctl"
+cd "$work"
+step() { echo "runtime-only: $*"; "$llmctl" "$@" --quiet; }
+
+# An HTML page and a WARC go through trafilatura/jusText (which need lxml_html_clean).
+cat > page.html <<'HTML'
+<html><head><title>Tides</title></head><body><nav>Home | About</nav><article>
+<h1>How tides work</h1>
+<p>Tides are the regular rise and fall of the sea. They are caused by the gravity of the Moon
+and the Sun acting on the oceans, and by the rotation of the Earth. Most coasts see two high
+tides and two low tides every day, a little under twenty-five hours apart in total.</p>
+<p>When the Sun, the Moon and the Earth line up, their pulls add together and the tides are
+larger than usual. These are called spring tides. When they are at right angles, the tides are
+smaller, and these are called neap tides. Sailors and fishermen have used tide tables for
+centuries to plan when to leave and return to harbour safely.</p>
+</article><footer>Copyright</footer></body></html>
+HTML
+step clean "$root/recipes/data/web/sample-0000.warc.gz" page.html --out clean --set language.keep="['en']"
+test -s clean/manifest.json
+step tokenize clean "$root/tests/data/tinyshakespeare/input.txt" --out tokens --vocab-size 512
+step pretrain tokens --out model --preset tiny --steps 5 --batch-size 2 --seq-len 32 --device cpu
+step eval model tokens
+step generate model --prompt "ROMEO:" --max-new-tokens 8
+step quantize model --out model-int4 --method int4 --set eval_tokens=1024 --set decode_tokens=4
+step quantize model --out model-static --method static --calib tokens --set decode_tokens=4
+step generate model-int4 --prompt "ROMEO:" --max-new-tokens 8
+step eval model-static tokens
+echo "runtime-only: every command ran from a plain install"
