@@ -45,20 +45,24 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def part1(ckpt: Path, tokens: Path, out: Path, qat: dict[str, int], decode: int) -> list[dict]:
+def part1(
+    ckpt: Path, tokens: Path, out: Path, qat: dict[str, int], decode: int, eval_tokens: int
+) -> list[dict]:
     rows = []
     for name, kw in METHODS.items():
-        cfg = QuantizeConfig(eval_tokens=0, decode_tokens=decode, **qat, **kw)
+        cfg = QuantizeConfig(eval_tokens=eval_tokens, decode_tokens=decode, **qat, **kw)
         t0 = time.perf_counter()
         dest = out / name.replace(" ", "-")
         stats = quantize_run(ckpt, dest, cfg, calib=tokens, eval_data=tokens, force=True)
         r = stats["report"]
         rows.append({**r, "method": name, "seconds": time.perf_counter() - t0})
-    rows.append(float_finetune_then_ptq(ckpt, tokens, out, qat))
+    rows.append(float_finetune_then_ptq(ckpt, tokens, out, qat, eval_tokens))
     return rows
 
 
-def float_finetune_then_ptq(ckpt: Path, tokens: Path, out: Path, qat: dict[str, int]) -> dict:
+def float_finetune_then_ptq(
+    ckpt: Path, tokens: Path, out: Path, qat: dict[str, int], eval_tokens: int
+) -> dict:
     """The QAT run's loop, data and steps without fake quantization, then PTQ int4."""
     from llmctl.data.tokens import TokenStream
     from llmctl.model.io import load_model
@@ -69,7 +73,7 @@ def float_finetune_then_ptq(ckpt: Path, tokens: Path, out: Path, qat: dict[str, 
 
     cfg = QuantizeConfig(method="int4", **qat)
     model = load_model(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-    seq = model.config.max_seq_len
+    seq = cfg.seq_len or model.config.max_seq_len
     stream = TokenStream(tokens, "train", cfg.batch_size, seq, cfg.seed)
     work = out / "float-ft"
     if work.exists():
@@ -81,7 +85,7 @@ def float_finetune_then_ptq(ckpt: Path, tokens: Path, out: Path, qat: dict[str, 
     for p in model.parameters():
         p.requires_grad_(False)
     tok = load_tokenizer(ckpt)
-    ids, _ = read_ids(tokens, ckpt, tok, cfg, "val", 0)
+    ids, _ = read_ids(tokens, ckpt, tok, cfg, "val", eval_tokens)
     special = np.array(sorted(load_specials(ckpt).all), dtype=np.int64)
     ft = evaluate(model, ids, tok, seq, special)
     Q.quantize(model, Q.QuantSpec("int4"))
@@ -158,6 +162,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/out/quantize"))
     ap.add_argument("--skip-checkpoint", action="store_true", help="part 2 only")
     ap.add_argument("--qat-steps", type=int, default=200)
+    ap.add_argument("--qat-batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=0, help="QAT and eval windows (0: model's)")
+    ap.add_argument("--eval-tokens", type=int, default=0, help="val tokens scored (0: all)")
+    ap.add_argument("--calib-tokens", type=int, default=32768, help="static calibration tokens")
+    ap.add_argument("--skip-gpt2", action="store_true", help="part 1 only")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -173,12 +182,19 @@ def main() -> None:
     if not args.skip_checkpoint:
         if not (args.checkpoint and args.tokens):
             ap.error("--checkpoint and --tokens are needed (or --skip-checkpoint)")
-        qat = {"steps": args.qat_steps, "warmup": max(1, args.qat_steps // 10)}
-        rows = part1(args.checkpoint, args.tokens, args.out, qat, args.decode_tokens)
+        qat = {"steps": args.qat_steps, "warmup": max(1, args.qat_steps // 10),
+               "batch_size": args.qat_batch_size, "seq_len": args.seq_len,
+               "calib_tokens": args.calib_tokens}  # fmt: skip
+        rows = part1(args.checkpoint, args.tokens, args.out, qat, args.decode_tokens,
+                     args.eval_tokens)  # fmt: skip
         result["checkpoint"] = rows
         print(f"<!-- bench/quantize.py part 1: {args.checkpoint}, {where} -->")
         print_table(table(rows), args.markdown)
         print()
+    if args.skip_gpt2:
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2, default=str))
+        return
     speed = part2(torch.get_num_threads(), args.decode_tokens, args.repeats)
     result["gpt2"] = speed
     lines = [["model", "weights", "threads", "decode tok/s (batch 1)", "× fp32"]]
