@@ -614,6 +614,7 @@ class GPT(nn.Module):
                     f"got {list(attention_mask.shape)}"
                 )
             attention_mask = attention_mask.bool()
+        contiguous = position_ids is None and attention_mask is None  # positions past..kv_len
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -625,7 +626,11 @@ class GPT(nn.Module):
             )
 
         x = self.tok_emb(idx)
-        if cfg.pos == "learned":
+        if cfg.pos == "learned" and contiguous:
+            # the same rows for every sequence: a broadcast slice, whose backward is a sum over
+            # the batch, instead of a B*T-row gather and scatter-add (as nanoGPT does)
+            x = x + self.pos_emb.weight[past:kv_len]
+        elif cfg.pos == "learned":
             x = x + self.pos_emb(position_ids)
         elif cfg.pos == "sinusoidal":
             x = x + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)

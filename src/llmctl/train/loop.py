@@ -366,7 +366,11 @@ class _Run:
         self.began = self.mark = time.perf_counter()  # wall time of this process's run
         # On CUDA the finite checks stay on the device until the next log/eval/save (settle);
         # the fused AdamW kernel skips a step whose loss or gradient norm is not finite.
-        self.deferred = self.device.type == "cuda" and bool(self.optimizer.defaults.get("fused"))
+        # FSDP's gradients are DTensors, which device-side scaling would mix with plain
+        # tensors: FSDP keeps the per-step check.
+        fsdp = self.world.size > 1 and cfg.distributed.strategy == "fsdp"
+        fused = bool(self.optimizer.defaults.get("fused"))
+        self.deferred = self.device.type == "cuda" and fused and not fsdp
         self.pending: list[tuple[int, Any, Any]] = []  # (step, loss, grad norm) not yet read
         self.grad_norm = math.nan
 
@@ -499,8 +503,12 @@ class _Run:
                       deferred=False)  # fmt: skip
         else:
             loss = total / count
-            torch._foreach_mul_(grads, (W / count).float())
-            norm = _full(torch.nn.utils.clip_grad_norm_(self.params, clip))
+            # One pass over the gradients instead of two: the norm of the summed-loss
+            # gradients, scaled, gives the mean-loss norm; then one multiply by scale × clip.
+            scale = (W / count).float()
+            norm = _full(torch.nn.utils.get_total_norm(grads)) * scale
+            coef = (clip / (norm + 1e-6)).clamp(max=1.0) if clip != math.inf else 1.0
+            torch._foreach_mul_(grads, scale * coef)
             bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
             self.optimizer.found_inf = bad.float()  # read by the fused AdamW kernel
         self.optimizer.step()
