@@ -153,6 +153,8 @@ def run(checkpoint: Path, data: list[Path], cfg: EvalConfig, as_json: bool = Fal
         ids = ids[: cfg.max_tokens]
     if len(ids) < 2:
         raise UsageError(f"{source}: fewer than 2 tokens to score")
+    if int(ids.max()) >= model.config.vocab_size:  # a shard with ids its header does not allow
+        raise UsageError(f"{source}: token id {int(ids.max())} is beyond the model's vocabulary")
     special = np.array(sorted(specials.all), dtype=np.int64)
     nats, n, text_nats, n_text = score(model, ids, special, seq_len, cfg.batch_size, cfg.dtype)
     n_bytes = text_bytes(tok, ids[1:], special)
