@@ -121,6 +121,8 @@ def _token_stream(
     docs, bad = [], 0
     for doc in iter_docs(data, cfg):
         if isinstance(doc, BadRecord):
+            if cfg.strict:
+                raise UsageError(f"{doc.where}: {doc.reason}")
             bad += 1
             continue
         docs.extend([*encode(tok, doc.text), eos_id])

@@ -157,10 +157,57 @@ def open_input(path: Path) -> io.BufferedIOBase:
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
     if name.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(f))
+    return f  # type: ignore[return-value]
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst stream, frame after frame. A stream cut inside a frame raises EOFError at the cut
+    (zstandard's stream_reader would just end there, and the cut would go unnoticed); damaged
+    data raises OSError. Both end the file as a `truncated_file` record, as gzip does."""
+
+    def __init__(self, f: io.BufferedIOBase) -> None:
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f))
-    return f  # type: ignore[return-value]
+        self._f, self._zstd = f, zstandard
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False
+        self._buf, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> bool:
+        chunk = self._f.read(1 << 16)
+        if not chunk:
+            if self._in_frame:
+                raise EOFError("zstd stream ended inside a frame (cut short)")
+            return False
+        out = []
+        try:
+            while chunk:
+                if self._d.eof:  # the next frame of a multi-frame file
+                    self._d = self._zstd.ZstdDecompressor().decompressobj()
+                out.append(self._d.decompress(chunk))
+                chunk = self._d.unused_data if self._d.eof else b""
+        except self._zstd.ZstdError as e:
+            raise OSError(f"damaged zstd stream ({e})") from None
+        self._in_frame = not self._d.eof
+        self._buf, self._pos = b"".join(out), 0
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._pos >= len(self._buf):
+            if not self._fill():
+                return 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 _TRUNCATED = (EOFError, gzip.BadGzipFile, zlib.error, OSError)
