@@ -299,18 +299,13 @@ def building(
         if not isinstance(inputs, list)
         else {f"input-{i}": p for i, p in enumerate(inputs)}
     )
+    # Input refs first: a bad input artifact is refused before anything is created.
+    refs = {name: input_ref(Path(p)) for name, p in named.items()}
     tmp = partial_dir(out)
     if tmp.exists() and not resume:
         shutil.rmtree(tmp)
     tmp.mkdir(exist_ok=True)
-    b = Builder(
-        out=out,
-        dir=tmp,
-        kind=kind,
-        command=command,
-        config=config,
-        inputs={name: input_ref(Path(p)) for name, p in named.items()},
-    )
+    b = Builder(out=out, dir=tmp, kind=kind, command=command, config=config, inputs=refs)
     try:
         yield b
         b.publish(force=force)  # inside the try: a failed publish leaves nothing behind either

@@ -106,7 +106,7 @@ def _token_stream(
     data: list[Path], checkpoint: Path, tok: Any, eos_id: int, cfg: EvalConfig
 ) -> tuple:
     """(ids, description) of what DATA names; documents are each followed by `eos_id`."""
-    from llmctl.data.tokens import read_shard, split_shards
+    from llmctl.data.tokens import check_ids, read_header, read_shard, split_shards
     from llmctl.tokenizer import encode
 
     one = data[0] if len(data) == 1 and is_artifact(data[0]) else None
@@ -115,7 +115,10 @@ def _token_stream(
         ours = open_artifact(checkpoint, "checkpoint", verify=False).files["tokenizer.json"]
         if m.files["tokenizer.json"]["sha256"] != ours["sha256"]:
             raise UsageError(f"{data[0]}: made with a different tokenizer than {checkpoint}")
-        parts = [np.asarray(read_shard(p)) for p in split_shards(m.path, "val")]
+        parts = []
+        for p in split_shards(m.path, "val"):
+            parts.append(np.asarray(read_shard(p)))
+            check_ids(p, parts[-1], read_header(p).vocab_size)
         ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         return ids.astype(np.int64), f"{data[0]} (val split)"
     docs, bad = [], 0
