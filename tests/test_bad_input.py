@@ -15,6 +15,7 @@ safetensors headers are also fuzzed with hypothesis (bounded example counts).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -34,6 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from llmctl import artifacts, files
 from llmctl.artifacts import KINDS, Manifest, open_artifact, partial_dir, sha256_file
 from llmctl.cli import app
 from llmctl.data.docs import BadRecord, Raw, ReadOptions, iter_raw
@@ -409,6 +411,11 @@ def non_utf8_name(ctx: Ctx, path: Path) -> Path:
     return Path(os.fsdecode(name))
 
 
+def not_json(ctx: Ctx, path: Path) -> Path:
+    path.write_text("{")
+    return path
+
+
 def records(lines: list[bytes], suffix: str = "") -> Callable[[Ctx, Path], Path]:
     """The good file with `lines` inserted after its 3rd line, compressed by `suffix`."""
 
@@ -446,56 +453,77 @@ def long_line(ctx: Ctx, path: Path) -> Path:
     return records([json.dumps({"text": "x" * 30000}).encode() + b"\n"])(ctx, path)
 
 
-ART = ("artifact",)
+ART, CKPT, TOK, DOCS = ("artifact",), ("checkpoint",), ("tokens",), ("docs",)
 FILES = ("file", "prompts", "tokfile")
+SHARDS = ("train-*.bin", "val-*.bin")
+
+
+def refused(kinds: tuple[str, ...], make: Callable[[Ctx], tuple[Path, Named]]) -> Case:
+    return Case(kinds, make, "refused")
+
+
+def damaged(kinds: tuple[str, ...], *names: str, damage: Callable[[Path], None]) -> Case:
+    return Case(kinds, content_case(*names, damage=damage), "refused", content=True)
+
+
+def manifest_bytes(data: bytes) -> Callable[[Ctx], tuple[Path, Named]]:
+    return manifest_case(lambda art: (art / "manifest.json").write_bytes(data))
+
+
+def record(kinds: tuple[str, ...], make: Callable[[Ctx, Path], Path], reason: str) -> Case:
+    return Case(kinds, file_case(make), "record", reason)
+
+
 CASES: dict[str, Case] = {
     # the manifest
-    "manifest_not_json": Case(ART, manifest_case(lambda a: (a / "manifest.json").write_text("{")), "refused"),  # noqa: E501
-    "manifest_not_object": Case(ART, manifest_case(lambda a: set_manifest(a, [1, 2])), "refused"),
-    "manifest_not_utf8": Case(ART, manifest_case(lambda a: (a / "manifest.json").write_bytes(b'{"kind": "\xff"}')), "refused"),  # noqa: E501
-    "manifest_nested": Case(ART, manifest_case(lambda a: (a / "manifest.json").write_text("[" * 100_000)), "refused"),  # noqa: E501
-    "manifest_fifo": Case(ART, manifest_case(lambda a: fifo(a / "manifest.json", a)), "refused"),
-    "unknown_schema": Case(ART, manifest_case(edit_fields(schema=2)), "refused"),
-    "schema_true": Case(ART, manifest_case(edit_fields(schema=True)), "refused"),
-    "unknown_kind": Case(ART, manifest_case(edit_fields(kind="weights")), "refused"),
-    "files_not_object": Case(ART, manifest_case(edit_fields(files=[])), "refused"),
-    "entry_bad_meta": Case(ART, manifest_case(lambda a: set_manifest(a, {**manifest(a), "files": {a_file(a): {"bytes": "1"}}})), "refused"),  # noqa: E501
-    "entry_absolute": Case(ART, add_entry(lambda art, out: str(out)), "refused"),
-    "entry_dotdot": Case(ART, add_entry(lambda art, out: os.path.relpath(out, art)), "refused"),
-    "wrong_kind": Case(ART, wrong_kind, "refused"),
+    "manifest_not_json": refused(ART, manifest_bytes(b"{")),
+    "manifest_not_object": refused(ART, manifest_bytes(b"[1, 2]")),
+    "manifest_not_utf8": refused(ART, manifest_bytes(b'{"kind": "\xff"}')),
+    "manifest_nested": refused(ART, manifest_bytes(b"[" * 100_000)),
+    "manifest_fifo": refused(ART, manifest_case(lambda art: fifo(art / "manifest.json", art))),
+    "unknown_schema": refused(ART, manifest_case(edit_fields(schema=2))),
+    "schema_true": refused(ART, manifest_case(edit_fields(schema=True))),
+    "unknown_kind": refused(ART, manifest_case(edit_fields(kind="weights"))),
+    "files_not_object": refused(ART, manifest_case(edit_fields(files=[]))),
+    "entry_bad_meta": refused(ART, manifest_case(lambda art: set_manifest(
+        art, {**manifest(art), "files": {a_file(art): {"bytes": "1"}}}))),
+    "entry_absolute": refused(ART, add_entry(lambda art, outside: str(outside))),
+    "entry_dotdot": refused(ART, add_entry(lambda art, outside: os.path.relpath(outside, art))),
+    "wrong_kind": refused(ART, wrong_kind),
     # the files it lists
-    "entry_symlink_out": Case(ART, listed_case(symlink_out), "refused"),
-    "listed_missing": Case(ART, listed_case(lambda t, tmp: t.unlink()), "refused"),
-    "listed_oversized": Case(ART, listed_case(lambda t, tmp: t.write_bytes(t.read_bytes() + b"x" * 4096)), "refused"),  # noqa: E501
-    "listed_hash_differs": Case(ART, listed_case(flip_byte), "refused"),
-    "listed_fifo": Case(ART, listed_case(fifo), "refused"),
-    # contents the manifest agrees with (rehashed)
-    "config_not_json": Case(("checkpoint",), content_case("config.json", damage=write(b"{")), "refused", content=True),  # noqa: E501
-    "config_not_object": Case(("checkpoint",), content_case("config.json", damage=write(b"[]")), "refused", content=True),  # noqa: E501
-    "tokenizer_json_bad": Case(("checkpoint", "tokens"), content_case("tokenizer.json", damage=write(b"{")), "refused", content=True),  # noqa: E501
-    "tokenizer_config_bad": Case(("checkpoint", "tokens"), content_case("tokenizer_config.json", damage=write(b"{")), "refused", content=True),  # noqa: E501
-    "safetensors_short": Case(("checkpoint",), content_case("model.safetensors", damage=write(b"\x10\0\0")), "refused", content=True),  # noqa: E501
-    "safetensors_overclaim": Case(("checkpoint",), content_case("model.safetensors", damage=st_header_len(1)), "refused", content=True),  # noqa: E501
-    "safetensors_header_garbage": Case(("checkpoint",), content_case("model.safetensors", damage=st_header_garbage), "refused", content=True),  # noqa: E501
-    "shard_bad_magic": Case(("tokens",), content_case("train-*.bin", "val-*.bin", damage=lambda p: shard_field(0, "<Q", lambda v: 0)(p)), "refused", content=True),  # noqa: E501
-    "shard_count_lies": Case(("tokens",), content_case("train-*.bin", "val-*.bin", damage=shard_field(16, "<Q", lambda v: v + 1)), "refused", content=True),  # noqa: E501
-    "shard_id_out_of_range": Case(("tokens",), content_case("train-*.bin", "val-*.bin", damage=big_ids), "refused", content=True),  # noqa: E501
-    "docs_shard_garbage": Case(("docs",), content_case("shard-*.jsonl.gz", damage=write(b"\x1f\x8bnot gzip" * 10)), "refused", content=True),  # noqa: E501
-    "docs_shard_cut": Case(("docs",), content_case("shard-*.jsonl.gz", damage=cut_gzip), "refused", content=True),  # noqa: E501
+    "entry_symlink_out": refused(ART, listed_case(symlink_out)),
+    "listed_missing": refused(ART, listed_case(lambda t, tmp: t.unlink())),
+    "listed_oversized": refused(ART, listed_case(lambda t, tmp: t.write_bytes(
+        t.read_bytes() + b"x" * 4096))),
+    "listed_hash_differs": refused(ART, listed_case(flip_byte)),
+    "listed_fifo": refused(ART, listed_case(fifo)),
+    # contents the manifest agrees with (rehashed): the content checks must see them
+    "config_not_json": damaged(CKPT, "config.json", damage=write(b"{")),
+    "config_not_object": damaged(CKPT, "config.json", damage=write(b"[]")),
+    "tokenizer_json_bad": damaged((*CKPT, *TOK), "tokenizer.json", damage=write(b"{")),
+    "tokenizer_config_bad": damaged((*CKPT, *TOK), "tokenizer_config.json", damage=write(b"{")),
+    "safetensors_short": damaged(CKPT, "model.safetensors", damage=write(b"\x10\0\0")),
+    "safetensors_overclaim": damaged(CKPT, "model.safetensors", damage=st_header_len(1)),
+    "safetensors_header_garbage": damaged(CKPT, "model.safetensors", damage=st_header_garbage),
+    "shard_bad_magic": damaged(TOK, *SHARDS, damage=shard_field(0, "<Q", lambda v: 0)),
+    "shard_count_lies": damaged(TOK, *SHARDS, damage=shard_field(16, "<Q", lambda v: v + 1)),
+    "shard_id_out_of_range": damaged(TOK, *SHARDS, damage=big_ids),
+    "docs_shard_garbage": damaged(DOCS, "shard-*.jsonl.gz", damage=write(b"\x1f\x8bnot gzip")),
+    "docs_shard_cut": damaged(DOCS, "shard-*.jsonl.gz", damage=cut_gzip),
     # input files
-    "missing": Case(FILES, file_case(lambda ctx, p: p), "refused"),
-    "fifo": Case(FILES, file_case(mkfifo), "refused"),
-    "device": Case(FILES, file_case(dev_zero), "refused"),
-    "socket": Case(FILES, file_case(unix_socket), "refused"),
-    "unreadable": Case(FILES, file_case(unreadable), "refused"),
+    "missing": refused(FILES, file_case(lambda ctx, p: p)),
+    "fifo": refused(FILES, file_case(mkfifo)),
+    "device": refused(FILES, file_case(dev_zero)),
+    "socket": refused(FILES, file_case(unix_socket)),
+    "unreadable": refused(FILES, file_case(unreadable)),
+    "tokenizer_file_bad": refused(("tokfile",), file_case(not_json)),
     "non_utf8_name": Case(("file", "prompts"), file_case(non_utf8_name), "kept"),
-    "tokenizer_file_bad": Case(("tokfile",), file_case(lambda ctx, p: (p.write_text("{"), p)[1]), "refused"),  # noqa: E501
-    # records (prompts: every line is a request, so a bad one is refused, never skipped)
-    "bad_json_line": Case(("file", "prompts"), file_case(records([b"{not json\n"])), "record", "bad_json"),  # noqa: E501
-    "bad_utf8_line": Case(("file", "prompts"), file_case(records([b'{"text": "\xff\xfe"}\n'])), "record", "invalid_utf8"),  # noqa: E501
-    "long_line": Case(("file",), file_case(long_line), "record", "line_too_long"),
-    "gzip_cut": Case(("file",), file_case(cut_stream(".gz")), "record", "truncated_file"),
-    "zstd_cut": Case(("file",), file_case(cut_stream(".zst")), "record", "truncated_file"),
+    # records (prompts: each line is a request, so a bad one is refused, never skipped)
+    "bad_json_line": record(("file", "prompts"), records([b"{not json\n"]), "bad_json"),
+    "bad_utf8_line": record(("file", "prompts"), records([b'{"text": "\xff"}\n']), "invalid_utf8"),
+    "long_line": record(("file",), long_line, "line_too_long"),
+    "gzip_cut": record(("file",), cut_stream(".gz"), "truncated_file"),
+    "zstd_cut": record(("file",), cut_stream(".zst"), "truncated_file"),
 }  # fmt: skip
 
 
@@ -711,6 +739,7 @@ def tiny_checkpoint(inputs: dict[str, Path]) -> Path:
     return inputs["checkpoint"]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     header=ST_HEADERS.map(lambda h: json.dumps(h).encode()) | st.binary(max_size=40),
@@ -728,3 +757,29 @@ def test_fuzzed_safetensors_headers_load_or_refuse(
         weights.write_bytes(struct.pack("<Q", n) + header + bytes(body))
         with pytest.raises(ValueError, match=re.escape(str(weights))):
             load_model(ckpt)
+
+
+def test_an_unreadable_file_is_one_line(
+    inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chmod 000 cannot stop root (the matrix's `unreadable` case skips there): the refusal
+    is checked by making the open itself fail as it does for other users."""
+
+    def denied(path: object, *a: object) -> int:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(files.os, "open", denied)
+    code, _, err = llmctl("clean", inputs["file"], "--out", tmp_path / "out", *J1)
+    assert (code, err) == (
+        2,
+        f"error: {inputs['file']}: cannot read input file (Permission denied)\n",
+    )
+
+
+def test_an_oversized_manifest_is_refused_unread(
+    inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(artifacts, "MAX_JSON_BYTES", 100)
+    code, _, err = llmctl("clean", inputs["docs"], "--out", tmp_path / "out", *J1)
+    path = inputs["docs"] / "manifest.json"
+    assert (code, err) == (2, f"error: {path}: manifest larger than 100 bytes; not read\n")
