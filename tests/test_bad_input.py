@@ -783,3 +783,16 @@ def test_an_oversized_manifest_is_refused_unread(
     code, _, err = llmctl("clean", inputs["docs"], "--out", tmp_path / "out", *J1)
     path = inputs["docs"] / "manifest.json"
     assert (code, err) == (2, f"error: {path}: manifest larger than 100 bytes; not read\n")
+
+
+@pytest.mark.parametrize("make", [mkfifo, dev_zero, not_json], ids=["fifo", "device", "not_toml"])
+@pytest.mark.parametrize("command", list(ROWS))
+def test_every_command_refuses_a_bad_config_file_in_one_line(
+    inputs: dict[str, Path], tmp_path: Path, command: str, make: Callable[[Ctx, Path], Path]
+) -> None:
+    row = ROWS[command]
+    bad = make(Ctx(inputs["file"], tmp_path, inputs, ()), tmp_path / "cfg.toml")
+    args = {s: inputs[i.takes[0]] if i.required else None for s, i in row.slots.items()}
+    code, stdout, err = llmctl(*row.argv(args, tmp_path / "out"), "--config", bad)
+    assert code == 2 and "Traceback" not in stdout + err
+    assert err.count("\n") == 1 and err.startswith(f"error: {bad}: "), err

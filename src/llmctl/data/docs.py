@@ -1,5 +1,7 @@
 """Documents in and out: every input format a data stage reads, and the `docs` shard format.
 
+Every input file is opened by `open_input` (regular files only, through `files.open_regular`;
+decompressed by suffix); file names are recorded as `files.display` shows them.
 Reading is split in two so it parallelizes deterministically: `iter_raw` (main process)
 streams raw records with their file:line, `parse_raw` (any worker) turns one into a `Doc` or
 a `BadRecord`. Inputs: `.txt` (one doc per file, or per paragraph), `.jsonl` / `.jsonl.gz` /
