@@ -157,10 +157,16 @@ def open_input(path: Path) -> io.BufferedIOBase:
     f = open_regular(path, "input file")
     name = path.name.lower()
     if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+        return _gunzip(f)
     if name.endswith(".zst"):
         return io.BufferedReader(_ZstdReader(f))
     return f  # type: ignore[return-value]
+
+
+def _gunzip(f: io.BufferedIOBase) -> gzip.GzipFile:
+    g = gzip.GzipFile(fileobj=f, mode="rb")
+    g.myfileobj = f  # type: ignore[attr-defined]  # so that closing g closes f, as gzip.open does
+    return g
 
 
 class _ZstdReader(io.RawIOBase):
@@ -299,7 +305,7 @@ def _docs_shards(path: Path) -> Iterator[tuple[str, io.BufferedIOBase]]:
     check, so a shard that does not decompress is a damaged artifact: UsageError, not a record."""
     m = open_artifact(path, "docs")
     for shard in m.listed(SHARD_GLOB):
-        yield display(shard), gzip.GzipFile(fileobj=open_regular(shard), mode="rb")
+        yield display(shard), _gunzip(open_regular(shard))
 
 
 def _iter_artifact(path: Path) -> Iterator[Raw | BadRecord]:

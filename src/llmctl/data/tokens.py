@@ -258,7 +258,9 @@ class TokenStream:
         self.manifest = open_artifact(artifact, "tokens", verify=verify)
         self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
-        paths = split_shards(self.manifest.path, split)
+        if split not in SPLITS:
+            raise UsageError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+        paths = self.manifest.listed(f"{split}-*.bin")
         if not paths:
             raise UsageError(f"{self.manifest.path}: no {split}-*.bin shards")
         headers = [read_header(p) for p in paths]
