@@ -74,8 +74,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ok("dedup", d / "raw.jsonl", "--out", d / "docs", "-j", "1", "-q")
     ok("tokenize", d / "docs", "--out", d / "tokens", "--vocab-size", "300",
        "--val-fraction", "0.2", "-j", "1", "-q")  # fmt: skip
-    ok("pretrain", d / "tokens", "--out", d / "checkpoint", "--preset", "tiny", "--steps", "1",
-       "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "-q")  # fmt: skip
+    ok("pretrain", d / "tokens", "--out", d / "checkpoint", *TINY, "-q")
     (d / "prompts.jsonl").write_text('{"prompt": "The"}\n{"prompt": "A"}\n')
     shutil.copyfile(d / "tokens" / "tokenizer.json", d / "tokenizer.json")
     return {
@@ -118,6 +117,9 @@ CKPT_CASES = (
 TOKEN_CASES = ("shard_bad_magic", "shard_count_lies", "shard_id_out_of_range")
 TOKENIZER_CASES = ("tokenizer_json_bad", "tokenizer_config_bad")
 J1 = ("-j", "1", "-q")
+TINY = ("--preset", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "16")  # fmt: skip
+TINY += ("--device", "cpu")
+ONE_TOKEN = ("--max-new-tokens", "1", "--device", "cpu", "-q")
 
 ROWS: dict[str, Row] = {
     "clean": Row(
@@ -146,23 +148,7 @@ ROWS: dict[str, Row] = {
     ),
     "pretrain": Row(
         {"tokens": Slot(("tokens",), (*TOKEN_CASES, *TOKENIZER_CASES))},
-        lambda a, out: [
-            "pretrain",
-            a["tokens"],
-            "--out",
-            out,
-            "--preset",
-            "tiny",
-            "--steps",
-            "1",
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "16",
-            "--device",
-            "cpu",
-            "-q",
-        ],
+        lambda a, out: ["pretrain", a["tokens"], "--out", out, *TINY, "-q"],
     ),
     "eval": Row(
         {
@@ -177,18 +163,13 @@ ROWS: dict[str, Row] = {
         {
             "checkpoint": Slot(("checkpoint",), CKPT_CASES),
             "prompts": Slot(("prompts",)),
+            # the draft's tokenizer is compared by hash with the model's, not parsed
+            "draft": Slot(("checkpoint",), CKPT_CASES[:2] + CKPT_CASES[4:], required=False),
         },
-        lambda a, out: [
-            "generate",
-            a["checkpoint"],
-            "--prompts",
-            a["prompts"],
-            "--max-new-tokens",
-            "1",
-            "--device",
-            "cpu",
-            "-q",
-        ],
+        lambda a, out: (
+            ["generate", a["checkpoint"], "--prompts", a["prompts"], *ONE_TOKEN]
+            + (["--draft", a["draft"]] if a["draft"] else [])
+        ),
         writes=False,
     ),
 }
