@@ -23,6 +23,7 @@ from rich.table import Table
 from llmctl import __version__
 from llmctl.config import describe, load_config
 from llmctl.errors import UsageError
+from llmctl.files import printable
 from llmctl.runtime import console, set_quiet
 
 app = typer.Typer(
@@ -73,7 +74,8 @@ def command(fn: F) -> F:
             return fn(*args, **kwargs)
         except UsageError as e:
             # escape: a path such as data/[abc]/x.jsonl is text, not rich markup
-            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+            # printable: one line, whatever bytes a hostile file name or value holds
+            console.print(f"[bold red]error:[/] {escape(printable(str(e)))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except BrokenPipeError:
             # `llmctl generate ... | head`: the reader left; stop quietly, as Unix tools do.
@@ -83,8 +85,9 @@ def command(fn: F) -> F:
         except OSError as e:
             # Disk full, permission denied, I/O error: the environment, not a bug, so one line
             # naming the path and no traceback (a failed build has removed its partial output).
-            msg = f"{e.filename}: {e.strerror or e}" if e.filename else (e.strerror or str(e))
-            console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
+            name = os.fsdecode(e.filename) if e.filename else ""
+            msg = f"{name}: {e.strerror or e}" if name else (e.strerror or str(e))
+            console.print(f"[bold red]error:[/] {escape(printable(msg))}", soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")

@@ -239,7 +239,10 @@ def tokenizer_file(path: Path | str) -> Path:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such tokenizer file or directory")
-    if path.is_file():
+    if not path.is_dir():
+        from llmctl.files import check_regular
+
+        check_regular(path, "tokenizer file")  # a FIFO or device is refused, never read
         return path
     file = path / "tokenizer.json"
     if is_artifact(path):

@@ -117,9 +117,14 @@ def _eval_index(cfg: DedupConfig) -> tuple[dd.EvalIndex | None, dict[str, int]]:
     if not cfg.decontam.paths:
         return None, {}
     opts = ReadOptions(
-        text_field=cfg.decontam.text_field or cfg.text_field, txt_split=cfg.txt_split
+        text_field=cfg.decontam.text_field or cfg.text_field,
+        txt_split=cfg.txt_split,
+        max_line_bytes=cfg.max_line_bytes,
     )
     docs = list(iter_docs(cfg.decontam.paths, opts))
+    first_bad = next((d for d in docs if isinstance(d, BadRecord)), None)
+    if cfg.strict and first_bad is not None:
+        raise UsageError(f"{first_bad.where}: {first_bad.reason} (--decontaminate input)")
     index = dd.EvalIndex([(d.id, d.text) for d in docs if isinstance(d, Doc)], cfg.decontam.ngram)
     bad = len(docs) - len(index.ids)
     if bad:

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import secrets
 import sys
@@ -34,6 +35,7 @@ import torch
 from llmctl.artifacts import building, is_artifact, open_artifact
 from llmctl.config import helpful, to_dict
 from llmctl.errors import UsageError
+from llmctl.files import display
 from llmctl.model.sample import GenerationParams, Stops
 from llmctl.runtime import info, summary, warn
 
@@ -75,13 +77,15 @@ class GenerateConfig(GenerationParams):
 
 def read_prompts(path: Path) -> list[tuple[str, str | list[dict[str, str]]]]:
     """(`file:line`, prompt text or chat messages) per non-blank line of a JSONL file."""
-    if not path.is_file():
-        raise UsageError(f"{path}: prompts file not found")
+    from llmctl.data.docs import open_input
+
+    if not path.exists():
+        raise UsageError(f"{display(path)}: prompts file not found")
     out: list[tuple[str, Any]] = []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with io.TextIOWrapper(open_input(path), encoding="utf-8", errors="strict") as f:
         try:
             for n, line in enumerate(f, start=1):
-                where = f"{path}:{n}"
+                where = f"{display(path)}:{n}"
                 if not line.strip():
                     continue
                 try:
@@ -99,9 +103,9 @@ def read_prompts(path: Path) -> list[tuple[str, str | list[dict[str, str]]]]:
                         f'{where}: expected {{"prompt": str}} or {{"messages": [...]}}'
                     )
         except UnicodeDecodeError:
-            raise UsageError(f"{path}: not valid UTF-8") from None
+            raise UsageError(f"{display(path)}: not valid UTF-8") from None
     if not out:
-        raise UsageError(f"{path}: no prompts (the file is empty)")
+        raise UsageError(f"{display(path)}: no prompts (the file is empty)")
     return out
 
 

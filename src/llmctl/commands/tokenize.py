@@ -98,6 +98,7 @@ def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, force: bool = False)
     refs: dict[str, Path] = {f"input-{i}": Path(p) for i, p in enumerate(inputs)}
     if cfg.tokenizer:
         refs["tokenizer"] = tokenizer_file(cfg.tokenizer)
+        load_specials(refs["tokenizer"])  # its files parse: errors name them, not our copies
     meta = {"kind": "tokens", "command": "tokenize", "config": to_dict(cfg), "inputs": refs}
     with (
         building(out, force=force, **meta) as art,
