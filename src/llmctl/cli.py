@@ -57,6 +57,14 @@ StrictOpt = Annotated[
 TextFieldOpt = Annotated[
     str | None, typer.Option("--text-field", help="JSON/parquet field holding the text.")
 ]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="Where the per-block work runs: local (process pool) or ray (a Ray cluster; "
+        "--set engine.address=...). Same artifact either way.",
+    ),
+]
 InputsArg = Annotated[list[Path] | None, typer.Argument(help="Input files, folders or artifacts.")]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -158,6 +166,7 @@ def clean(
     out: OutOpt = None,
     text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
+    engine: EngineOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -179,6 +188,7 @@ def clean(
         text_field=text_field,
         workers=workers,
         strict=strict or None,
+        **{"engine.kind": engine},
     )
     verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
 
@@ -197,6 +207,7 @@ def dedup(
     ] = None,
     text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
+    engine: EngineOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -215,7 +226,10 @@ def dedup(
         text_field=text_field,
         workers=workers,
         strict=strict or None,
-        **{"decontam.paths": [str(p) for p in decontaminate] if decontaminate else None},
+        **{
+            "engine.kind": engine,
+            "decontam.paths": [str(p) for p in decontaminate] if decontaminate else None,
+        },
     )
     verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
 
@@ -244,6 +258,7 @@ def tokenize(
     ] = None,
     text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
+    engine: EngineOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -267,6 +282,7 @@ def tokenize(
         text_field=text_field,
         workers=workers,
         strict=strict or None,
+        **{"engine.kind": engine},
     )
     verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
 
