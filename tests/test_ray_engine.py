@@ -71,7 +71,9 @@ def assert_same_artifact(local: Path, other: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ray_cpus2() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    # address="local": a new Ray of our own even if a `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="warning")  # fmt: skip
     yield
     ray.shutdown()
 

@@ -100,7 +100,6 @@ def _clean_batch(batch: list[Raw | BadRecord]) -> tuple[list[tuple[Any, ...]], d
 def run(inputs: list[Path], out: Path, cfg: CleanConfig, force: bool = False) -> Manifest:
     """Clean `inputs` into the docs artifact `out`; returns its manifest."""
     files = resolve_inputs(inputs)
-    t0 = time.perf_counter()
     kept_docs = dropped_docs = bytes_in = bytes_out = 0
     drops: dict[tuple[str, str], list[int]] = {}
     counts: Counter[str] = Counter()
@@ -110,6 +109,7 @@ def run(inputs: list[Path], out: Path, cfg: CleanConfig, force: bool = False) ->
             out, kind="docs", command="clean", config=to_dict(cfg), inputs=list(inputs), force=force
         ) as art,
     ):
+        t0 = time.perf_counter()  # after the engine is up: Ray's start-up is not the stage's
         rejected = art.dir / "rejected"
         with (
             ShardWriter(art.dir) as kept,

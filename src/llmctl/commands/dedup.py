@@ -203,13 +203,13 @@ def run(inputs: list[Path], out: Path, cfg: DedupConfig, force: bool = False) ->
     index, decontam = _eval_index(cfg)
     names = {f"input-{i}": Path(p) for i, p in enumerate(inputs)}
     names |= {f"eval-{i}": Path(p) for i, p in enumerate(cfg.decontam.paths)}
-    t0 = time.perf_counter()
     with (
         open_engine(cfg.engine, cfg.workers) as engine,
         building(
             out, kind="docs", command="dedup", config=to_dict(cfg), inputs=names, force=force
         ) as art,
     ):
+        t0 = time.perf_counter()  # after the engine is up: Ray's start-up is not the stage's
         # Pass 1: compact per-doc arrays, computed in workers, gathered in input order.
         collected = dd.Collected(near.num_perm)
         errlog = ErrorLog(art.dir / "rejected" / "errors.jsonl", cfg.strict)

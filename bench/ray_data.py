@@ -1,0 +1,131 @@
+"""What `--engine ray` costs and gains on one machine: clean, dedup and tokenize, Ray vs local.
+
+Corpora: the ones bench/clean.py and bench/dedup.py build (web JSONL repeated to --mb MB; the
+synthetic web documents with 10% near copies, --docs of them); tokenize encodes the dedup
+corpus with a tokenizer trained once beforehand (training stays on the driver; its time is
+printed on its own line). All under bench/out/ (not shipped).
+
+For each stage the real CLI runs four times: `--engine local` with 1 and 2 workers, and
+`--engine ray` with 1 and 2 tasks at a time on one local Ray of 2 CPUs that this script
+starts first (its start-up is timed on its own; each command then joins it, as a user's
+commands join a `ray start` cluster). Stage seconds come from the manifests (clean `seconds`,
+dedup `throughput.seconds`, tokenize `encode_s`: the work after the engine is up); wall
+seconds include Python start-up and joining Ray. The four artifacts of each stage must be
+byte-identical (same file digests), else the script fails.
+
+Run: .venv/bin/python bench/ray_data.py [--mb 50] [--docs 25000] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import clean as clean_bench  # noqa: E402  (bench/clean.py: the clean corpus)
+import dedup as dedup_bench  # noqa: E402  (bench/dedup.py: the dedup corpus)
+
+OUT = ROOT / "out" / "ray"
+LLMCTL = [sys.executable, "-m", "llmctl.cli"]
+
+
+def run_cli(args: list[str]) -> tuple[float, dict]:
+    """Wall seconds and the manifest of one `llmctl` command (its --out is args[2])."""
+    t0 = time.perf_counter()
+    r = subprocess.run([*LLMCTL, *args, "--force", "--quiet"], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode:
+        sys.exit(f"failed: llmctl {' '.join(args)}\n{r.stdout}\n{r.stderr}")
+    return wall, json.loads((Path(args[args.index("--out") + 1]) / "manifest.json").read_text())
+
+
+def stage_seconds(verb: str, stats: dict) -> float:
+    if verb == "clean":
+        return stats["seconds"]
+    if verb == "dedup":
+        return stats["throughput"]["seconds"]
+    return stats["encode_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mb", type=int, default=50, help="clean corpus size (MB)")
+    ap.add_argument("--docs", type=int, default=25_000, help="dedup, tokenize docs (≈50 MB)")
+    ap.add_argument("--markdown", action="store_true", help="only the markdown table")
+    args = ap.parse_args()
+    import ray
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    clean_in = clean_bench.make_input(args.mb)
+    dedup_bench.OUT.mkdir(parents=True, exist_ok=True)
+    docs_in = dedup_bench.OUT / f"docs-{args.docs}.jsonl"
+    docs_mb = dedup_bench.make_corpus(docs_in, args.docs, dedup_bench.sentences()) / 1e6
+
+    # The tokenizer is trained once, on the driver, outside the comparison.
+    tok = OUT / "tokenizer"
+    _, tok_manifest = run_cli(["tokenize", str(docs_in), "--out", str(tok), "-j", "2"])
+    train_s = tok_manifest["stats"]["tokenizer"]["train_s"]
+
+    t0 = time.perf_counter()
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray_start = time.perf_counter() - t0
+    address = ctx.address_info["gcs_address"]
+    stages = {
+        "clean": [str(clean_in)],
+        "dedup": [str(docs_in)],
+        "tokenize": [str(docs_in), "--tokenizer", str(tok)],
+    }
+    results: dict[str, dict] = {}
+    try:
+        for verb, inputs in stages.items():
+            runs, digests = {}, set()
+            for engine in ("local", "ray"):
+                for workers in (1, 2):
+                    out = OUT / f"{verb}-{engine}-{workers}"
+                    cmd = [verb, *inputs, "--out", str(out), "-j", str(workers)]
+                    cmd += ["--engine", engine, "--set", f"engine.address={address!r}"]
+                    wall, m = run_cli(cmd)
+                    runs[engine, workers] = (stage_seconds(verb, m["stats"]), wall)
+                    digests.add(m["digest"])
+            if len(digests) != 1:
+                sys.exit(f"{verb}: the four artifacts differ ({len(digests)} digests)")
+            mb = args.mb if verb == "clean" else docs_mb
+            if verb == "clean":
+                mb = m["stats"]["text_bytes_in"] / 1e6
+            results[verb] = {"mb": mb, "runs": runs}
+    finally:
+        ray.shutdown()
+
+    load = os.getloadavg()
+    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared "
+          f"with other users (load average {load[0]:.2f} after the run); Ray {ray.__version__}, "
+          f"local Ray of 2 CPUs. Start-up of that Ray: {ray_start:.1f} s (once per cluster). "
+          f"Tokenizer training (driver, not compared): {train_s:.1f} s.\n")  # fmt: skip
+    print(
+        "| stage | MB | local 1 w | local 2 w | ray 1 w | ray 2 w | ray / local (2 w) "
+        "| ray 1 → 2 w | local 1 → 2 w | join + start-up per command (ray − local wall) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for verb, r in results.items():
+        runs, mb = r["runs"], r["mb"]
+        s = {k: v[0] for k, v in runs.items()}
+        extra = (runs["ray", 2][1] - s["ray", 2]) - (runs["local", 2][1] - s["local", 2])
+        cells = [f"{s[k]:.1f} s ({mb / s[k]:.2f} MB/s)" for k in
+                 (("local", 1), ("local", 2), ("ray", 1), ("ray", 2))]  # fmt: skip
+        print(f"| {verb} | {mb:.0f} | {' | '.join(cells)} | {s['ray', 2] / s['local', 2]:.2f}× "
+              f"| {s['ray', 1] / s['ray', 2]:.2f}× | {s['local', 1] / s['local', 2]:.2f}× "
+              f"| {extra:+.1f} s |")  # fmt: skip
+    if not args.markdown:
+        print("\nTargets: ray / local ≤ 1.3× for clean and dedup; ray 1 → 2 workers ≥ 1.6×. "
+              "All four artifacts of each stage were byte-identical.")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
