@@ -17,9 +17,10 @@ engines differ only in where `fn` runs, so the artifact is byte-identical for `l
   Ray retries a task whose worker process died (`max_retries`), so a lost node or a killed
   worker costs a re-run of its blocks, not a different output.
 
-Inputs and outputs are paths every node sees (a shared filesystem); only blocks of raw
-records, and the results, travel through Ray's object store. Ray is an optional extra:
-`pip install 'llmctl[ray]'`.
+The driver reads the inputs and writes the outputs; only blocks of raw records and their
+results travel through Ray's object store, so the paths must be visible to the driver (a
+shared filesystem lets the command run from any node). Ray is an optional extra:
+`pip install 'llmctl[ray]'`, on every node.
 
 Example:
     with open_engine(EngineConfig(kind="ray"), workers=0) as engine:
