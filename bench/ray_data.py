@@ -22,8 +22,10 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,16 +36,74 @@ import dedup as dedup_bench  # noqa: E402  (bench/dedup.py: the dedup corpus)
 
 OUT = ROOT / "out" / "ray"
 LLMCTL = [sys.executable, "-m", "llmctl.cli"]
+KEYS = (("local", 1), ("local", 2), ("ray", 1), ("ray", 2))
 
 
-def run_cli(args: list[str]) -> tuple[float, dict]:
-    """Wall seconds and the manifest of one `llmctl` command (its --out is args[2])."""
-    t0 = time.perf_counter()
-    r = subprocess.run([*LLMCTL, *args, "--force", "--quiet"], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+def ray_ticks() -> dict[int, int]:
+    """CPU clock ticks (utime + stime) of each live descendant of this process: the Ray
+    processes it started (GCS, raylet, agents) and the raylet's workers. From /proc."""
+    parents, ticks = {}, {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    tree, frontier = set(), [os.getpid()]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier += kids
+    return {p: ticks[p] for p in tree if p in ticks}
+
+
+class RayCPU:
+    """CPU seconds the Ray processes used while the block ran. The raylet does not collect its
+    exited workers' times (they are lost to cutime), so live processes are polled every 0.1 s
+    and each one's last reading counts (a worker's final 0.1 s before exiting may be missed)."""
+
+    def __enter__(self) -> RayCPU:
+        self.start = ray_ticks()
+        self.last = dict(self.start)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.1):
+            self.last.update(ray_ticks())
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.last.update(ray_ticks())
+        used = sum(t - self.start.get(p, 0) for p, t in self.last.items())
+        self.seconds = used / os.sysconf("SC_CLK_TCK")
+
+
+def run_cli(args: list[str]) -> tuple[float, float, dict]:
+    """Wall seconds, CPU seconds (the command, its pool, the Ray processes) and the manifest
+    of one `llmctl` command."""
+    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with RayCPU() as ray_cpu:
+        t0 = time.perf_counter()
+        cmd = [*LLMCTL, *args, "--force", "--quiet"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        time.sleep(1)  # the job's workers exit
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and its pool processes
+    cpu = ray_cpu.seconds + usage.ru_utime + usage.ru_stime - usage0.ru_utime - usage0.ru_stime
     if r.returncode:
         sys.exit(f"failed: llmctl {' '.join(args)}\n{r.stdout}\n{r.stderr}")
-    return wall, json.loads((Path(args[args.index("--out") + 1]) / "manifest.json").read_text())
+    manifest = json.loads((Path(args[args.index("--out") + 1]) / "manifest.json").read_text())
+    return wall, cpu, manifest
 
 
 def stage_seconds(verb: str, stats: dict) -> float:
@@ -110,7 +170,7 @@ def main() -> None:
 
     # The tokenizer is trained once, on the driver, outside the comparison.
     tok = OUT / "tokenizer"
-    _, tok_manifest = run_cli(["tokenize", str(docs_in), "--out", str(tok), "-j", "2"])
+    _, _, tok_manifest = run_cli(["tokenize", str(docs_in), "--out", str(tok), "-j", "2"])
     train_s = tok_manifest["stats"]["tokenizer"]["train_s"]
 
     t0 = time.perf_counter()
@@ -131,8 +191,8 @@ def main() -> None:
                     out = OUT / f"{verb}-{engine}-{workers}"
                     cmd = [verb, *inputs, "--out", str(out), "-j", str(workers)]
                     cmd += ["--engine", engine, "--set", f"engine.address={address!r}"]
-                    wall, m = run_cli(cmd)
-                    runs[engine, workers] = (stage_seconds(verb, m["stats"]), wall)
+                    wall, cpu, m = run_cli(cmd)
+                    runs[engine, workers] = (stage_seconds(verb, m["stats"]), wall, cpu)
                     digests.add(m["digest"])
             if len(digests) != 1:
                 sys.exit(f"{verb}: the four artifacts differ ({len(digests)} digests)")
@@ -155,7 +215,7 @@ def main() -> None:
             for engine, sign in (("ray", 1), ("local", -1)):
                 cmd = [verb, str(head), *inputs[1:], "--out", str(OUT / f"head-{verb}-{engine}")]
                 cmd += ["-j", "1", "--engine", engine, "--set", f"engine.address={address!r}"]
-                fixed += sign * stage_seconds(verb, run_cli(cmd)[1]["stats"])
+                fixed += sign * stage_seconds(verb, run_cli(cmd)[2]["stats"])
             blocks = mb * 1e6 / (1 << 20)  # tokenize: 1 MiB of input per block
             if verb != "tokenize":  # clean: 128 records a block; dedup: 256
                 blocks = m["stats"]["docs_in"] / (128 if verb == "clean" else 256)
@@ -197,6 +257,19 @@ def main() -> None:
         x16, x64 = (s1 / (r["fixed"] + max(serial, work / w)) for w in (16, 64))
         print(f"| {verb} | {r['driver']:.1f} | {r['fixed']:.1f} | {per_block * 1e3:.1f} "
               f"| {work:.1f} | {s1 / serial:.1f}× | {x16:.1f}× | {x64:.1f}× |")  # fmt: skip
+    print("\nCPU seconds of each whole command (the command, its pool processes, and the Ray "
+          "processes: GCS, raylet, workers); unlike wall time, this does not depend on what "
+          "else runs on the machine.\n")  # fmt: skip
+    print("| stage | local 1 w | local 2 w | ray 1 w | ray 2 w | ray / local (1 w) "
+          "| ray / local (2 w) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for verb, r in results.items():
+        c = {k: v[2] for k, v in r["runs"].items()}
+        cells = " | ".join(
+            f"{c[k]:.1f}" for k in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2))
+        )
+        print(f"| {verb} | {cells} | {c['ray', 1] / c['local', 1]:.2f}× "
+              f"| {c['ray', 2] / c['local', 2]:.2f}× |")  # fmt: skip
     if not args.markdown:
         print("\nTargets: ray / local ≤ 1.3× for clean and dedup; ray 1 → 2 workers ≥ 1.6×. "
               "All four artifacts of each stage were byte-identical.")  # fmt: skip
