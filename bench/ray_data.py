@@ -257,9 +257,10 @@ def main() -> None:
         x16, x64 = (s1 / (r["fixed"] + max(serial, work / w)) for w in (16, 64))
         print(f"| {verb} | {r['driver']:.1f} | {r['fixed']:.1f} | {per_block * 1e3:.1f} "
               f"| {work:.1f} | {s1 / serial:.1f}× | {x16:.1f}× | {x64:.1f}× |")  # fmt: skip
-    print("\nCPU seconds of each whole command (the command, its pool processes, and the Ray "
-          "processes: GCS, raylet, workers); unlike wall time, this does not depend on what "
-          "else runs on the machine.\n")  # fmt: skip
+    print("\nCPU seconds of each whole command: the command, its pool processes, and every "
+          "Ray process (GCS, raylet, agents, workers; the idle daemons in the local rows too). "
+          "Less sensitive to other users' load than wall time, not immune (caches, SMT)."
+          "\n")  # fmt: skip
     print("| stage | local 1 w | local 2 w | ray 1 w | ray 2 w | ray / local (1 w) "
           "| ray / local (2 w) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
