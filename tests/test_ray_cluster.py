@@ -17,6 +17,9 @@ from test_ray_engine import C4, SHAKESPEARE, WEB, assert_same_artifact, build
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
+# Under `pytest -n 2 --dist loadgroup` (make test) every Ray test runs in one xdist worker, so
+# one Ray runtime exists at a time on the 2-core machine.
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")

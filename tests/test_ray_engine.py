@@ -27,6 +27,9 @@ from llmctl.data import dedup as dd
 from llmctl.data import engine as engine_mod
 
 ray = pytest.importorskip("ray")
+# Under `pytest -n 2 --dist loadgroup` (make test) every Ray test runs in one xdist worker, so
+# one Ray runtime exists at a time on the 2-core machine.
+pytestmark = pytest.mark.xdist_group("ray")
 
 TESTS = Path(__file__).parent
 WEB = TESTS / "data" / "web"
