@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,6 +179,17 @@ def test_missing_ray_is_one_line_naming_the_extra(
         assert code == 2, output
         assert output.strip() == "error: --engine ray needs Ray: pip install 'llmctl[ray]'"
         assert not (tmp_path / verb).exists()
+
+
+def test_an_address_nothing_answers_on_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", "nowhere"):
+        code, output = cli("dedup", C4, "--out", tmp_path / "o", "--engine", "ray",
+                           "--set", f"engine.address='{address}'")  # fmt: skip
+        assert code == 2 and output.startswith(f"error: engine.address='{address}': "), output
+    assert not (tmp_path / "o").exists()
 
 
 def test_unknown_engine_is_a_usage_error(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -61,7 +62,7 @@ class EngineConfig:
     address: str = helpful(
         "auto",
         "Ray cluster to join (ray only): auto = the running one (RAY_ADDRESS, `ray start`), "
-        "else start a local Ray; or HOST:PORT, ray://HOST:PORT",
+        "else start a local Ray; local = always a new local Ray; or HOST:PORT, ray://HOST:PORT",
     )
 
 
@@ -207,6 +208,23 @@ class RayEngine:
 _END = object()
 
 
+def _check_address(address: str) -> None:
+    """A HOST:PORT that nothing answers on is one line now, not minutes of Ray retrying."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(
+            f"engine.address={address!r}: expected auto, local, HOST:PORT or ray://HOST:PORT"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UsageError(
+            f"engine.address={address!r}: no Ray cluster answers there ({e.strerror or e})"
+        ) from None
+
+
 @contextmanager
 def open_engine(cfg: EngineConfig, workers: int) -> Iterator[LocalEngine | RayEngine]:
     """The engine `cfg` names; a Ray runtime this call started is shut down at the end.
@@ -218,6 +236,7 @@ def open_engine(cfg: EngineConfig, workers: int) -> Iterator[LocalEngine | RayEn
         yield LocalEngine(workers)
         return
     ray = import_ray()
+    _check_address(cfg.address)
     started = False
     if not ray.is_initialized():
         address = None if cfg.address == "auto" else cfg.address
