@@ -58,6 +58,14 @@ StrictOpt = Annotated[
 TextFieldOpt = Annotated[
     str | None, typer.Option("--text-field", help="JSON/parquet field holding the text.")
 ]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="Where the per-block work runs: local (process pool) or ray (a Ray cluster; "
+        "--set engine.address=...). Same artifact either way.",
+    ),
+]
 InputsArg = Annotated[list[Path] | None, typer.Argument(help="Input files, folders or artifacts.")]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -161,6 +169,7 @@ def clean(
     out: OutOpt = None,
     text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
+    engine: EngineOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -182,6 +191,7 @@ def clean(
         text_field=text_field,
         workers=workers,
         strict=strict or None,
+        **{"engine.kind": engine},
     )
     verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
 
@@ -200,6 +210,7 @@ def dedup(
     ] = None,
     text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
+    engine: EngineOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -218,7 +229,10 @@ def dedup(
         text_field=text_field,
         workers=workers,
         strict=strict or None,
-        **{"decontam.paths": [str(p) for p in decontaminate] if decontaminate else None},
+        **{
+            "engine.kind": engine,
+            "decontam.paths": [str(p) for p in decontaminate] if decontaminate else None,
+        },
     )
     verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
 
@@ -247,6 +261,7 @@ def tokenize(
     ] = None,
     text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
+    engine: EngineOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -270,6 +285,7 @@ def tokenize(
         text_field=text_field,
         workers=workers,
         strict=strict or None,
+        **{"engine.kind": engine},
     )
     verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
 

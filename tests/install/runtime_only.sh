@@ -38,4 +38,11 @@ step tokenize clean "$root/tests/data/tinyshakespeare/input.txt" --out tokens --
 step pretrain tokens --out model --preset tiny --steps 5 --batch-size 2 --seq-len 32 --device cpu
 step eval model tokens
 step generate model --prompt "ROMEO:" --max-new-tokens 8
+# Without the [ray] extra, --engine ray is one line naming it (exit 2), and nothing is written.
+set +e
+msg=$("$llmctl" dedup clean --out dedup-ray --engine ray 2>&1)
+code=$?
+set -e
+test "$code" -eq 2 && test "$msg" = "error: --engine ray needs Ray: pip install 'llmctl[ray]'"
+test ! -e dedup-ray
 echo "runtime-only: every command ran from a plain install"
