@@ -30,7 +30,7 @@ from llmctl.errors import UsageError
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
-KINDS = ("docs", "tokens", "checkpoint", "adapter", "samples")
+KINDS = ("docs", "tokens", "checkpoint", "adapter", "samples", "export")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
