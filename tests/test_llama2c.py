@@ -236,3 +236,41 @@ def test_real_model_greedy_from_bos() -> None:
         for _ in range(24):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert tok.decode(ids).startswith('"Echoes of vectors unfold, a gentle hum of precision, as I')
+
+
+def test_cli_import_then_generate_from_bos_equals_the_reference(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmctl.artifacts import open_artifact
+    from llmctl.cli import app
+
+    pieces, scores = tiny_vocab(np.random.default_rng(0))
+    dims = {**DIMS, "vocab_size": len(pieces)}
+    w = random_weights(np.random.default_rng(5), False, **dims)
+    w = {k: v * 3 for k, v in w.items()}  # sharper logits: no near-ties in the greedy choice
+    seen = write_model(tmp_path / "m.bin", w, 1, False, **dims)
+    write_tokenizer(tmp_path / "tok.bin", pieces, scores)
+    runner = CliRunner()
+    ckpt = tmp_path / "ckpt"
+    r = runner.invoke(app, ["import", "llama2c", str(tmp_path / "m.bin"), str(tmp_path / "tok.bin"),
+                            "--out", str(ckpt), "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert open_artifact(ckpt, "checkpoint").stats["llama2c_version"] == 1
+    ids = [1]
+    while len(ids) < 13:
+        nxt = int(reference_logits(seen, ids, **dims)[-1].argmax())
+        if nxt == 2:
+            break
+        ids.append(nxt)
+    assert len(ids) > 5  # a real continuation, not an immediate EOS
+    want = Tokenizer.from_file(str(ckpt / "tokenizer.json")).decode(ids[1:])
+    r = runner.invoke(app, ["generate", str(ckpt), "--prompt", "", "--max-new-tokens", "12",
+                            "--dtype", "float32", "--device", "cpu", "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert r.stdout == want + "\n"
+    # the header disagrees with the file's size: one line, exit 2, nothing written
+    (tmp_path / "m.bin").write_bytes((tmp_path / "m.bin").read_bytes()[:-1])
+    r = runner.invoke(app, ["import", "llama2c", str(tmp_path / "m.bin"), str(tmp_path / "tok.bin"),
+                            "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert r.exit_code == 2 and "needs" in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "bad").exists()

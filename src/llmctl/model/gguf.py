@@ -151,14 +151,24 @@ def tokenizer_metadata(dir: Path, vocab_size: int) -> dict[str, Any]:
     unk = _token_id(vocab, tc.get("unk_token", model.get("unk_token")))
     if unk is not None:
         types[unk] = T.UNKNOWN
+    # What the post-processor adds is what llmctl and transformers put around a prompt; say
+    # it the way llama.cpp can: a leading special becomes its BOS with add_bos_token (for
+    # llmctl's own tokenizers that is <|eos|>, the document separator), a trailing one its EOS.
+    from tokenizers import Tokenizer
+
+    t = Tokenizer.from_file(str(path))
+    plain, full = t.encode("a", add_special_tokens=False).ids, t.encode("a").ids
+    k = next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), 0)
+    lead, trail = full[:k], full[k + len(plain) :]
+    bos = lead[0] if lead else _token_id(vocab, tc.get("bos_token"))
     meta |= {
         "types": [int(t) for t in types],
-        "bos": _token_id(vocab, tc.get("bos_token")),
+        "bos": bos,
         "eos": _token_id(vocab, tc.get("eos_token")),
         "pad": _token_id(vocab, tc.get("pad_token")),
         "unk": unk,
-        "add_bos": bool(tc.get("add_bos_token", False)),
-        "add_eos": bool(tc.get("add_eos_token", False)),
+        "add_bos": bool(lead),
+        "add_eos": bool(trail),
         "chat_template": tc.get("chat_template")
         if isinstance(tc.get("chat_template"), str)
         else None,
