@@ -11,7 +11,7 @@ import torch
 
 from llmctl.model import llama2c
 from llmctl.model.gguf import TYPES, gguf_tensors, read_back, tensor_type, write_gguf
-from llmctl.model.gpt import GPT, preset
+from llmctl.model.gpt import GPT, GPTConfig, preset
 from llmctl.tokenizer import save_tokenizer, train_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -52,9 +52,9 @@ def test_every_key_and_tensor_reads_back(tmp_path: Path, tok_dir: Path, layout: 
         "general.architecture": a, "general.license": "Apache-2.0", "general.sources": ["src-a"],
         f"{a}.context_length": 64, f"{a}.embedding_length": 64, f"{a}.block_count": 2,
         f"{a}.feed_forward_length": cfg.d_ff, f"{a}.attention.head_count": 4,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.bos_token_id": 1,
         "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.padding_token_id": 2,
-        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_bos_token": True,  # llmctl prompts start with <|eos|>
     }  # fmt: skip
     if layout == "llama":
         want |= {"llama.attention.head_count_kv": 2, "llama.rope.freq_base": 10000.0,
@@ -91,3 +91,34 @@ def test_unaligned_matrices_fall_back_to_f16() -> None:
     assert tensor_type("blk.0.ffn_down.weight", (64, 172), "q4_0") == "f16"
     assert tensor_type("blk.0.ffn_up.weight", (172, 64), "q4_0") == "q4_0"
     assert tensor_type("output_norm.weight", (64,), "q8_0") == "f32"
+
+
+@pytest.mark.parametrize("layout", ["llama", "gpt2"])
+def test_transformers_gguf_loader_computes_our_logits(tmp_path: Path, tok_dir: Path,
+                                                      layout: str) -> None:  # fmt: skip
+    """transformers' own GGUF reader (llama.cpp's conventions, q/k order included) rebuilds
+    the model from the file: the same logits as ours (F32 exactly, F16 to its rounding)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to load GGUF
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    model = model_of(layout, tok.get_vocab_size())
+    if layout == "gpt2":
+        # transformers' GGUF reader ignores gpt2.context_length/feed_forward_length (llama.cpp
+        # reads them) and takes GPT-2's defaults, so the model here has those sizes.
+        torch.manual_seed(0)
+        cfg = dict(model.config.to_dict(), max_seq_len=1024, d_ff=256)
+        model = GPT(GPTConfig(**cfg)).eval()
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        ours = model(ids)
+    for type, atol in (("f32", 1e-5), ("f16", 2e-2)):
+        write_gguf(model, tok_dir, tmp_path / f"{type}.gguf", type)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file=f"{type}.gguf", dtype=torch.float32
+        ).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(ids).logits, ours, rtol=0, atol=atol)

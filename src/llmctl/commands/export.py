@@ -63,7 +63,7 @@ def lineage(path: Path, depth: int = 0) -> tuple[list[str], list[str]]:
         p = Path(ref.get("path", ""))
         if ref.get("kind") == "file":
             sha = ref.get("sha256")
-            sources.append(f"{p.name} (sha256 {sha})" if sha else p.name)
+            sources.append(f"{p.name} (sha256 {sha})" if sha else str(p))
         else:
             more_l, more_s = lineage(p, depth + 1)
             licenses += more_l
