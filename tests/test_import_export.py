@@ -226,3 +226,29 @@ def test_pretrain_init_continues_an_imported_model(tmp_path: Path) -> None:
     r = llmctl("pretrain", tmp_path / "other", "--init", tmp_path / "ckpt",
                "--out", tmp_path / "bad", *args)  # fmt: skip
     assert r.exit_code == 2 and "different tokenizer" in r.output, r.output
+
+
+def test_config_ids_that_disagree_are_reported_and_the_tokenizer_wins(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    hf_model(src, "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 7}))
+    r = llmctl("import", "hf", src, "--out", tmp_path / "ckpt")
+    assert r.exit_code == 0, r.output
+    assert "config.json eos_token_id=7 but the tokenizer files say 2" in r.output
+    assert open_artifact(tmp_path / "ckpt", "checkpoint").stats["eos_id"] == 2
+
+
+def test_models_no_layout_computes_are_refused(tmp_path: Path, own_ckpt: Path) -> None:
+    tok = own_ckpt
+    torch.manual_seed(0)
+    vocab = load_tokenizer(tok).get_vocab_size()
+    for kw in ({"pos": "alibi"}, {"head": "score"}):
+        model = GPT(preset("tiny", vocab_size=vocab, **kw))
+        files = {n: tok / n for n in ("tokenizer.json", "tokenizer_config.json")}
+        out = tmp_path / f"ck-{next(iter(kw.values()))}"
+        with building(out, kind="checkpoint", command="test", config={}) as art:
+            save_checkpoint(art.dir, model, files)
+        r = llmctl("export", out, "--format", "hf", "--out", tmp_path / "x")
+        assert r.exit_code == 2 and "error:" in r.output and "\n" not in r.output.strip(), r.output
+        assert not (tmp_path / "x").exists()

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from llmctl.artifacts import building, is_artifact, open_artifact
 from llmctl.config import helpful, nested, to_dict
 from llmctl.errors import UsageError
@@ -87,11 +89,21 @@ def run(checkpoint: Path, out: Path, cfg: ExportConfig, force: bool = False) -> 
         model = load_model(checkpoint)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if type(model).__name__ != "GPT":
+    from llmctl.model.gpt import GPT
+    from llmctl.model.hf import hf_layout
+
+    if type(model) is not GPT:
         raise UsageError(
             f"{checkpoint}: a {type(model).__name__} model; only GPT checkpoints export"
         )
-    from llmctl.model.hf import hf_layout
+    with torch.device("meta"):
+        plain = set(GPT(model.config).state_dict())
+    if set(model.state_dict()) != plain:
+        # swapped layers (quantized, LoRA) hold tensors no transformers/GGUF layout names
+        raise UsageError(
+            f"{checkpoint}: has swapped layers (quantization or adapters); export the "
+            "checkpoint they were made from, or merge/dequantize them first"
+        )
 
     try:
         layout = hf_layout(model.config)

@@ -59,7 +59,9 @@ _META = {
 
 
 def hf_layout(cfg: GPTConfig) -> str:
-    """ "gpt2" or "llama": the transformers architecture that computes what `cfg` computes."""
+    """The transformers architecture ("gpt2" or "llama") that computes what `cfg` computes."""
+    if cfg.head != "lm":
+        raise ValueError(f"a {cfg.head!r}-head model; the causal LM layouts need head='lm'")
     if all(getattr(cfg, k) == v for k, v in _GPT2.items()) and cfg.n_kv_head == cfg.n_head:
         return "gpt2"
     if all(getattr(cfg, k) == v for k, v in _LLAMA.items()):
