@@ -4,7 +4,7 @@ greedy text and decode speed of llmctl vs transformers on the exported files.
 The model is aidreams260K (a real pretrained 0.23M-parameter llama2.c model with its tok512
 tokenizer; see /work/shared/data/models/aidreams260K/SOURCE.md), or any llama2.c pair given
 with --model/--tokenizer. Steps: import llama2c → checkpoint; export hf and gguf (f32, f16,
-q8_0, q4_0); greedy decoding from BOS (fp32, batch 1, --new tokens, no eos stop): llmctl's
+q8_0, q4_0); greedy decoding from BOS (fp32, batch 1, one thread, --new tokens, no eos stop): llmctl's
 `generate` on the checkpoint, transformers' `generate` on the exported hf folder, and
 transformers on the exported f32 GGUF (its own GGUF reader, an implementation of llama.cpp's
 conventions independent of ours). Tokens of every side are compared. llama.cpp itself is not
@@ -16,7 +16,6 @@ run here: it has no wheel for this machine and building it takes longer than a b
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -64,7 +63,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # a 0.23M model gains nothing from more; shared cores lose a lot
     tmp = Path(tempfile.mkdtemp())
     rows: list[tuple[str, str]] = []
     t = cli("import", "llama2c", args.model, args.tokenizer, "--out", tmp / "ckpt", "--force")
