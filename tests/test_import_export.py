@@ -33,9 +33,10 @@ def llmctl(*args: object) -> object:
     return runner.invoke(app, [str(a) for a in args])
 
 
-def hf_tokenizer(dir: Path, llama: bool) -> int:
+def hf_tokenizer(dir: Path, llama: bool, post: bool = True) -> int:
     """A byte-level BPE tokenizer saved by transformers: GPT-2 style (no BOS added) or Llama
-    style (<s> added by the post-processor, add_bos_token in the config). Returns its size."""
+    style (add_bos_token in the config; <s> added by tokenizer.json's post-processor, or with
+    `post=False` by transformers alone, as a file without one makes it). Returns its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = ["<unk>", "<s>", "</s>"] if llama else ["<|endoftext|>"]
@@ -58,11 +59,18 @@ def hf_tokenizer(dir: Path, llama: bool) -> int:
             tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
         )
     fast.save_pretrained(dir)
+    if llama:  # transformers 5 leaves add_bos_token out of what it saves; Llama repos have it
+        path = dir / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "add_bos_token": True}))
+    if not post:
+        path = dir / "tokenizer.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "post_processor": None}))
     return tok.get_vocab_size()
 
 
 def hf_model(dir: Path, kind: str) -> torch.nn.Module:
-    vocab = hf_tokenizer(dir, llama=kind == "llama")
+    vocab = hf_tokenizer(dir, llama=kind.startswith("llama"), post=kind != "llama-nopost")
+    kind = kind.removesuffix("-nopost")
     torch.manual_seed(0)
     if kind == "llama":
         cfg = transformers.LlamaConfig(
@@ -100,7 +108,7 @@ def ours_greedy(ckpt: Path, text: str, n: int) -> str:
     return rec["completion"]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-nopost"])
 def test_hf_import_matches_transformers(tmp_path: Path, kind: str) -> None:
     src = tmp_path / "src"
     theirs = hf_model(src, kind)
@@ -109,7 +117,7 @@ def test_hf_import_matches_transformers(tmp_path: Path, kind: str) -> None:
     m = open_artifact(tmp_path / "ckpt", "checkpoint")
     assert m.data["inputs"]["source-0"]["path"].endswith("config.json")
     assert all(len(ref["sha256"]) == 64 for ref in m.data["inputs"].values())
-    assert m.stats["eos_id"] == (2 if kind == "llama" else 0)
+    assert m.stats["eos_id"] == (0 if kind == "gpt2" else 2)
     ours = load_model(tmp_path / "ckpt")
     ids = torch.randint(
         0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
@@ -117,6 +125,12 @@ def test_hf_import_matches_transformers(tmp_path: Path, kind: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=0, atol=1e-5)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    if kind != "llama-nopost":
+        src_tok = transformers.AutoTokenizer.from_pretrained(src)
+        assert tok("hi").input_ids == src_tok("hi").input_ids
+    # BOS when add_bos_token says so, even where tokenizer.json lacks the post-processor (the
+    # import writes it in, so transformers and llmctl agree on the imported files)
+    assert (tok("hi").input_ids[0] == 1) is (kind != "gpt2")
     ltok = load_tokenizer(tmp_path / "ckpt")
     for text in PROMPTS:
         assert encode_prompt(ltok, text) == tok(text).input_ids
