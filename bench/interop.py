@@ -4,8 +4,8 @@ greedy text and decode speed of llmctl vs transformers on the exported files.
 The model is aidreams260K (a real pretrained 0.23M-parameter llama2.c model with its tok512
 tokenizer; see /work/shared/data/models/aidreams260K/SOURCE.md), or any llama2.c pair given
 with --model/--tokenizer. Steps: import llama2c → checkpoint; export hf and gguf (f32, f16,
-q8_0, q4_0); greedy decoding from BOS (fp32, batch 1, one thread, --new tokens, no eos stop): llmctl's
-`generate` on the checkpoint, transformers' `generate` on the exported hf folder, and
+q8_0, q4_0); greedy decoding from BOS (fp32, batch 1, one thread, --new tokens, no eos stop):
+llmctl's `generate` on the checkpoint, transformers' `generate` on the exported hf folder, and
 transformers on the exported f32 GGUF (its own GGUF reader, an implementation of llama.cpp's
 conventions independent of ours). Tokens of every side are compared. llama.cpp itself is not
 run here: it has no wheel for this machine and building it takes longer than a bench should.
