@@ -171,7 +171,7 @@ def _hf(paths: list[Path]) -> tuple[Any, dict[str, Any], list[Path], dict[str, A
     sources = [dir / "config.json", *weights]
     if (dir / INDEX_FILE).is_file() and len(weights) > 1:
         sources.append(dir / INDEX_FILE)
-    sources += [p for p in files.values() if isinstance(p, Path)]
+    sources += [dir / name for name in files if (dir / name).is_file()]
     notes: dict[str, Any] = {
         "hf_model_type": raw.get("model_type"),
         "config_ids": {k: raw.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
