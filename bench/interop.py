@@ -2,7 +2,7 @@
 greedy text and decode speed of llmctl vs transformers on the exported files.
 
 The model is aidreams260K (a real pretrained 0.23M-parameter llama2.c model with its tok512
-tokenizer; see /work/shared/data/models/aidreams260K/SOURCE.md), or any llama2.c pair given
+tokenizer; see ../shared/data/models/aidreams260K/SOURCE.md), or any llama2.c pair given
 with --model/--tokenizer. Steps: import llama2c → checkpoint; export hf and gguf (f32, f16,
 q8_0, q4_0); greedy decoding from BOS (fp32, batch 1, one thread, --new tokens, no eos stop):
 llmctl's `generate` on the checkpoint, transformers' `generate` on the exported hf folder, and
@@ -28,7 +28,7 @@ from llmctl.cli import app
 from llmctl.model.io import load_model
 from llmctl.model.sample import GenerationParams, Stops, generate
 
-REAL = Path("/work/shared/data/models/aidreams260K")
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "aidreams260K"
 
 
 def cli(*args: object) -> float:
