@@ -77,6 +77,9 @@ def rehash(ckpt: Path, name: str) -> None:
 def run_on(command: str, ckpt: Path) -> tuple[int, str]:
     if command == "generate":
         return llmctl("generate", ckpt, "--prompt", "To be", "--max-new-tokens", "2", "-q")
+    if command == "export":
+        out = ckpt.parent / "export"
+        return llmctl("export", ckpt, "--format", "gguf", "--out", out, "--force", "-q")
     return llmctl("eval", ckpt, DATA, "--max-tokens", "200", "-q")
 
 
@@ -115,7 +118,7 @@ def nan_weight(path: Path) -> None:
     save_file(tensors, path)
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("command", ["generate", "eval", "export"])
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -168,7 +171,7 @@ def swap_tokenizer(copy: Path, tok_dir: Path, tmp_path: Path) -> Path:
     return copy / "tokenizer.json"
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("command", ["generate", "eval", "export"])
 @pytest.mark.parametrize("edit", [edit_vocab, swap_tokenizer])
 def test_tokenizer_model_mismatch_is_refused(
     ckpt: Path, tok_dir: Path, tmp_path: Path, command: str, edit

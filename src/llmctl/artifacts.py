@@ -33,7 +33,7 @@ from llmctl.files import MAX_JSON_BYTES, check_regular, display, open_regular, r
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
-KINDS = ("docs", "tokens", "checkpoint", "adapter", "samples")
+KINDS = ("docs", "tokens", "checkpoint", "adapter", "samples", "export")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -71,9 +71,9 @@ InputsArg = Annotated[list[Path] | None, typer.Argument(help="Input files, folde
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def command(fn: F) -> F:
+def command(fn: F, name: str | None = None) -> F:
     """Register a subcommand that maps UsageError to exit 2 and OSError to exit 1, each with
-    one clear line."""
+    one clear line (`name`: the subcommand's name when it is not the function's)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -101,7 +101,7 @@ def command(fn: F) -> F:
             console.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
 
-    app.command()(wrapper)
+    app.command(name=name)(wrapper)
     return wrapper  # type: ignore[return-value]
 
 
@@ -328,6 +328,7 @@ def pretrain(
     seq_len: SeqLenOpt = None,
     lr: LrOpt = None,
     seed: SeedOpt = None,
+    init: _opt("--init", "Continue pretraining this checkpoint (same tokenizer).", Path) = None,
     device: DeviceOpt = None,
     compile: CompileOpt = False,
     config: ConfigOpt = None,
@@ -344,6 +345,7 @@ def pretrain(
 
     cfg = resolve(
         verb.PretrainConfig, config, sets, show_config, preset=preset, objective=objective,
+        init=str(init) if init else None,
         **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
     )  # fmt: skip
     verb.run(need(tokens, "TOKENS"), need_out(out), cfg, force=force)
@@ -449,6 +451,48 @@ def generate(
         draft_k=draft_k, chat=chat or None, device=device, dtype=dtype, strict=strict or None,
     )  # fmt: skip
     verb.run(need(checkpoint, "CHECKPOINT"), cfg, out, force=force)
+
+
+@functools.partial(command, name="import")
+def import_(
+    format: Annotated[
+        str | None, typer.Argument(help="hf (transformers folder) or llama2c (MODEL.bin TOK.bin).")
+    ] = None,
+    paths: Annotated[list[Path] | None, typer.Argument(help="What to import.")] = None,
+    out: OutOpt = None,
+    license: _opt("--license", "The model's license (SPDX id), kept for exports.", str) = None,
+    dtype: _opt("--dtype", "auto (the source's), float32, bfloat16 or float16.", str) = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Import a model made elsewhere as a checkpoint: a transformers folder or llama2.c files."""
+    from llmctl.commands import import_ as verb
+
+    cfg = resolve(verb.ImportConfig, config, sets, show_config, license=license, dtype=dtype)
+    verb.run(need(format, "FORMAT"), need(paths, "PATH..."), need_out(out), cfg, force=force)
+
+
+@command
+def export(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact directory.")
+    ] = None,
+    format: _opt("--format", "hf (transformers folder) or gguf (llama.cpp).", str) = None,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a checkpoint for transformers (hf) or llama.cpp (gguf, --set gguf.type=q8_0)."""
+    from llmctl.commands import export as verb
+
+    cfg = resolve(verb.ExportConfig, config, sets, show_config, format=format)
+    verb.run(need(checkpoint, "CHECKPOINT"), need_out(out), cfg, force=force)
 
 
 if __name__ == "__main__":  # pragma: no cover

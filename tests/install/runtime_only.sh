@@ -38,6 +38,24 @@ step tokenize clean "$root/tests/data/tinyshakespeare/input.txt" --out tokens --
 step pretrain tokens --out model --preset tiny --steps 5 --batch-size 2 --seq-len 32 --device cpu
 step eval model tokens
 step generate model --prompt "ROMEO:" --max-new-tokens 8
+step export model --format hf --out model-hf
+step export model --format gguf --set gguf.type=q8_0 --out model-gguf
+step import hf model-hf --out model-back
+step generate model-back --prompt "ROMEO:" --max-new-tokens 8
+# A llama2.c model (legacy header) and tokenizer, random weights, written with numpy alone.
+"$work/venv/bin/python" - <<'PY'
+import struct
+import numpy as np
+pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + [f"<0x{b:02X}>" for b in range(256)] + [" ", "a", " a"]
+dim, hidden, layers, heads, vocab, seq = 16, 32, 1, 2, len(pieces), 16
+n = vocab * dim + layers * (2 * dim + 4 * dim * dim + 3 * hidden * dim) + dim + seq * dim // heads
+w = np.random.default_rng(0).normal(0, 0.3, n).astype("<f4")
+open("tiny.bin", "wb").write(struct.pack("<7i", dim, hidden, layers, heads, heads, vocab, seq) + w.tobytes())
+tok = struct.pack("<i", 8) + b"".join(struct.pack("<fi", -i, len(p.encode())) + p.encode() for i, p in enumerate(pieces))
+open("tok.bin", "wb").write(tok)
+PY
+step import llama2c tiny.bin tok.bin --out tiny --license MIT
+step generate tiny --prompt "" --max-new-tokens 8
 # Without the [ray] extra, --engine ray is one line naming it (exit 2), and nothing is written.
 set +e
 msg=$("$llmctl" dedup clean --out dedup-ray --engine ray 2>&1)

@@ -46,7 +46,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class GenerateConfig(GenerationParams):
     """Settings of `llmctl generate`: transformers' `generate` parameters plus these."""
 
-    prompt: str = helpful("", "Prompt text (or use `prompts`).")
+    prompt: str | None = helpful(
+        None, 'Prompt text (or use `prompts`); "" starts from the tokenizer\'s own specials (BOS).'
+    )
     prompts: str = helpful("", "JSONL file: one {'prompt': ...} or {'messages': [...]} a line.")
     adapter: str = helpful("", "LoRA adapter (PEFT layout) to merge into the checkpoint first.")
     draft: str = helpful("", "Draft checkpoint for speculative decoding (same tokenizer).")
@@ -66,7 +68,7 @@ class GenerateConfig(GenerationParams):
             raise ValueError("batch_size must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-        if self.prompt and self.prompts:
+        if self.prompt is not None and self.prompts:
             raise ValueError("give prompt or prompts, not both")
 
     def params(self, seed: int | None) -> GenerationParams:
@@ -185,8 +187,9 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     from llmctl.tokenizer import decode, encode, encode_prompt, load_specials, render_chat
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    repl = not cfg.prompt and not cfg.prompts and cfg.chat and interactive
-    if not cfg.prompt and not cfg.prompts and not repl:
+    given = cfg.prompt is not None or bool(cfg.prompts)
+    repl = not given and cfg.chat and interactive
+    if not given and not repl:
         raise UsageError("give --prompt TEXT or --prompts FILE.jsonl (or --chat on a terminal)")
     items = read_prompts(Path(cfg.prompts)) if cfg.prompts else [("--prompt", cfg.prompt)]
     model, tok, ckpt, draft = _load(cfg, checkpoint)
