@@ -11,6 +11,9 @@ LLMCTL ?= llmctl
 PRESET ?= small
 OUT    ?= out
 DATA   ?= recipes/data
+CORPUS := $(DATA)/web $(DATA)/books $(DATA)/wiki
+SFT_DATA ?= $(DATA)/sft
+CHAT   ?= Who are you?
 CFG    := recipes/$(PRESET)
 PROMPT ?= The history of
 
@@ -25,8 +28,8 @@ EVAL     := $(OUT)/eval.json
 all: $(SAMPLES) $(EVAL)
 	@echo "built $(OUT): clean -> dedup -> tokens -> model -> samples, eval in $(EVAL)"
 
-$(CLEAN): $(CFG)/clean.toml $(wildcard $(DATA)/*/*)
-	$(LLMCTL) clean $(DATA) --out $(OUT)/clean --config $(CFG)/clean.toml --force
+$(CLEAN): $(CFG)/clean.toml $(wildcard $(addsuffix /*,$(CORPUS)))
+	$(LLMCTL) clean $(CORPUS) --out $(OUT)/clean --config $(CFG)/clean.toml --force
 
 $(DEDUP): $(CLEAN) $(CFG)/dedup.toml
 	$(LLMCTL) dedup $(OUT)/clean --out $(OUT)/dedup --config $(CFG)/dedup.toml --force

@@ -331,6 +331,53 @@ def pretrain(
 
 
 @command
+def finetune(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact to tune (from `llmctl pretrain`).")
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Chat data: JSON/JSONL(.gz) files or folders (messages, "
+            "prompt+response, prompt+completion or Alpaca records)."
+        ),
+    ] = None,
+    out: OutOpt = None,
+    steps: _opt("--steps", "Optimizer steps (default: from --epochs).") = None,
+    epochs: _opt(
+        "--epochs", "Passes over the training examples (when --steps is not given).", float
+    ) = None,
+    batch_size: _opt("--batch-size", "Rows per micro-batch (per process).") = None,
+    seq_len: _opt("--seq-len", "Tokens per row (default: the model's context).") = None,
+    lr: _opt("--lr", "Peak learning rate.", float) = None,
+    seed: _opt("--seed", "Seed of data order, split-independent draws and dropout.") = None,
+    device: _opt("--device", "auto, cpu or cuda.", str) = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    strict: StrictOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Instruction-tune a checkpoint (loss on assistant turns); rerun the same command to resume.
+
+    Under `torchrun --nproc-per-node N` it trains data-parallel (DDP, or FSDP2).
+    """
+    from llmctl.commands import finetune as verb
+
+    cfg = resolve(
+        verb.FinetuneConfig, config, sets, show_config,
+        steps=steps, epochs=epochs, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
+        device=device, compile=compile or None, strict=strict or None,
+    )  # fmt: skip
+    if steps is not None and epochs is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), need_out(out), cfg,
+             force=force)  # fmt: skip
+
+
+@command
 def eval(
     checkpoint: Annotated[
         Path | None, typer.Argument(help="Checkpoint artifact directory.")
