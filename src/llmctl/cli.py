@@ -343,16 +343,16 @@ def finetune(
         ),
     ] = None,
     out: OutOpt = None,
-    steps: _opt("--steps", "Optimizer steps (default: from --epochs).") = None,
+    steps: StepsOpt = None,
     epochs: _opt(
-        "--epochs", "Passes over the training examples (when --steps is not given).", float
+        "--epochs", "Passes over the training examples (instead of --steps).", float
     ) = None,
-    batch_size: _opt("--batch-size", "Rows per micro-batch (per process).") = None,
-    seq_len: _opt("--seq-len", "Tokens per row (default: the model's context).") = None,
-    lr: _opt("--lr", "Peak learning rate.", float) = None,
-    seed: _opt("--seed", "Seed of data order, split-independent draws and dropout.") = None,
-    device: _opt("--device", "auto, cpu or cuda.", str) = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    compile: CompileOpt = False,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -367,9 +367,8 @@ def finetune(
     from llmctl.commands import finetune as verb
 
     cfg = resolve(
-        verb.FinetuneConfig, config, sets, show_config,
-        steps=steps, epochs=epochs, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
-        device=device, compile=compile or None, strict=strict or None,
+        verb.FinetuneConfig, config, sets, show_config, epochs=epochs, strict=strict or None,
+        **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
     )  # fmt: skip
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both")

@@ -38,4 +38,6 @@ step tokenize clean "$root/tests/data/tinyshakespeare/input.txt" --out tokens --
 step pretrain tokens --out model --preset tiny --steps 5 --batch-size 2 --seq-len 32 --device cpu
 step eval model tokens
 step generate model --prompt "ROMEO:" --max-new-tokens 8
+step finetune model "$root/recipes/data/sft/identity.jsonl" --out sft --steps 2 --batch-size 2 --device cpu
+step generate sft --chat --prompt "Who are you?" --max-new-tokens 8
 echo "runtime-only: every command ran from a plain install"
