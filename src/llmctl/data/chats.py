@@ -463,13 +463,15 @@ def load_chats(
         name = str(path)
         shape: str | None = None
         pending: list[tuple[int, Any]] = []  # records seen before the file's shape is known
-        n_records = n_ok = n_empty = 0
+        n_records = n_parsed = n_ok = n_empty = 0  # records: parsed or not (empty file: 0)
         first_keys = ""
         for item in iter_records(path, opts.max_line_bytes):
             if isinstance(item, BadRecord):
+                n_records += item.reason != "empty_file"
                 reject(item)
                 continue
             n_records += 1
+            n_parsed += 1
             if shape is None:
                 first_keys = first_keys or _first_keys(item[1])
                 shape = shape_of(item[1])
@@ -490,7 +492,7 @@ def load_chats(
             pending = []
         stats["records"] += n_records
         if shape is None:
-            if n_records == 0:
+            if n_parsed == 0:
                 first = data.rejected[-1].reason if data.rejected else "empty_file"
                 raise UsageError(f"{name}: no readable record ({first})")
             raise UsageError(
