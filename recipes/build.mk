@@ -1,5 +1,5 @@
 # The full build as a chain of artifacts: raw text -> clean -> dedup -> tokenize -> pretrain
-# -> eval + generate. Each target is an artifact's manifest.json, which llmctl writes last and
+# -> eval + generate, and pretrain -> finetune (recipes/data/sft) -> generate --chat. Each target is an artifact's manifest.json, which llmctl writes last and
 # publishes with one rename, so make only ever trusts complete stages and an interrupted build
 # continues where it stopped (pretrain resumes from its in-progress state).
 #
@@ -22,11 +22,13 @@ DEDUP    := $(OUT)/dedup/manifest.json
 TOKENS   := $(OUT)/tokens/manifest.json
 MODEL    := $(OUT)/model/manifest.json
 SAMPLES  := $(OUT)/samples/manifest.json
+SFT      := $(OUT)/sft/manifest.json
+CHATS    := $(OUT)/chat/manifest.json
 EVAL     := $(OUT)/eval.json
 
 .PHONY: all
-all: $(SAMPLES) $(EVAL)
-	@echo "built $(OUT): clean -> dedup -> tokens -> model -> samples, eval in $(EVAL)"
+all: $(SAMPLES) $(EVAL) $(CHATS)
+	@echo "built $(OUT): clean -> dedup -> tokens -> model -> samples, eval in $(EVAL); model -> sft -> chat"
 
 $(CLEAN): $(CFG)/clean.toml $(wildcard $(addsuffix /*,$(CORPUS)))
 	$(LLMCTL) clean $(CORPUS) --out $(OUT)/clean --config $(CFG)/clean.toml --force
@@ -47,3 +49,11 @@ $(EVAL): $(MODEL) $(TOKENS)
 $(SAMPLES): $(MODEL) $(CFG)/generate.toml
 	$(LLMCTL) generate $(OUT)/model --prompt "$(PROMPT)" --out $(OUT)/samples \
 		--config $(CFG)/generate.toml --force
+
+$(SFT): $(MODEL) $(CFG)/finetune.toml $(wildcard $(SFT_DATA)/*.jsonl)
+	$(LLMCTL) finetune $(OUT)/model $(SFT_DATA) --out $(OUT)/sft --config $(CFG)/finetune.toml --force
+
+# greedy, so the answer shows whether the tuned model ends its turn (finish_reason "stop")
+$(CHATS): $(SFT)
+	$(LLMCTL) generate $(OUT)/sft --chat --prompt "$(CHAT)" --max-new-tokens 48 --out $(OUT)/chat \
+		--force

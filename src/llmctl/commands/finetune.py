@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -99,6 +100,11 @@ def run(
             f"config key 'seq_len': {seq_len} > the model's max_seq_len {model.config.max_seq_len}"
         )
     row_len = seq_len + 1  # T inputs and T targets
+    if cfg.packing and "segment_ids" not in inspect.signature(model.forward).parameters:
+        raise UsageError(
+            f"{checkpoint}: this model type cannot keep packed examples apart "
+            "(no segment_ids); use --set packing=false"
+        )
 
     # All data problems surface here, before anything is created on disk.
     loaded = load_chats(
