@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from llmctl.data.chats import (
@@ -293,3 +295,52 @@ def test_an_all_zero_loss_mask_is_an_error_not_a_zero_loss(tok: Tokenizer) -> No
     ex = Example(np.arange(5), np.zeros(5, dtype=np.int64), "x")
     with pytest.raises(UsageError, match="every loss-mask value is zero"):
         ChatRows([ex], row_len=8, batch_size=1, pack=True, seed=0, pad_id=PAD_ID).sample(0)
+
+
+SURROGATE_TEXT = st.text(max_size=8) | st.sampled_from(["\ud800", "a\udc80b", "<|end|>", ""])
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | SURROGATE_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(SURROGATE_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+MESSAGE = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "assistant", "system", "tool"]) | JSON_VALUES,
+        "content": SURROGATE_TEXT | JSON_VALUES,
+    }
+)
+CHAT_RECORDS = st.dictionaries(
+    st.sampled_from(
+        [
+            "messages",
+            "prompt",
+            "response",
+            "completion",
+            "instruction",
+            "input",
+            "output",
+            "system",
+            "\ud800",
+        ]
+    ),
+    JSON_VALUES | st.lists(MESSAGE, max_size=4),
+    max_size=4,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(CHAT_RECORDS | JSON_VALUES, min_size=1, max_size=4))
+def test_loading_never_crashes_and_rejects_are_writable(
+    tok: Tokenizer, tmp_path_factory: pytest.TempPathFactory, records: list
+) -> None:
+    path = tmp_path_factory.mktemp("h") / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    try:
+        data = load_chats([path], tok, template=None, end_id=END_ID, ctx=65, opts=OPTS)
+    except UsageError as e:
+        str(e).encode("utf-8", "strict")  # the one error line prints
+        return
+    for bad in data.rejected:
+        (json.dumps(bad.to_record(), ensure_ascii=False) + "\n").encode("utf-8")
+    for ex in data.examples:
+        assert ex.mask[1:].any() and len(ex.ids) <= 65

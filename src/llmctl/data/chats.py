@@ -424,8 +424,9 @@ def _example(
 
 
 def _first_keys(rec: Any) -> str:
-    if isinstance(rec, dict):
-        return ", ".join(sorted(map(str, rec)))[:120] or "none"
+    if isinstance(rec, dict):  # printable even when a key holds a lone surrogate
+        keys = ", ".join(sorted(map(str, rec)))[:120] or "none"
+        return keys.encode("utf-8", "replace").decode("utf-8")
     return f"a JSON {type(rec).__name__}, not an object"
 
 
