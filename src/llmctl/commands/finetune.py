@@ -68,25 +68,17 @@ def run(
 ) -> dict[str, Any]:
     """Tune `checkpoint` on the chat files `data` and publish a checkpoint at `out`; returns
     the manifest stats (empty on ranks > 0)."""
-    from llmctl.data.chats import ChatRows, data_digest, load_chats, split_examples
+    from llmctl.data.chats import data_digest, prepare_chats, write_rejected
     from llmctl.model.io import load_model, save_checkpoint
-    from llmctl.tokenizer import (
-        CHAT_TEMPLATE,
-        chat_template_of,
-        check_fits,
-        load_specials,
-        load_tokenizer,
-    )
+    from llmctl.tokenizer import check_fits, load_specials, load_tokenizer
     from llmctl.train import distributed
-    from llmctl.train.batches import StepBatches, as_tensors
+    from llmctl.train.batches import StepBatches
     from llmctl.train.objectives import NextToken
     from llmctl.train.run import train_and_publish
 
     ckpt = open_artifact(checkpoint, "checkpoint")
     tok = load_tokenizer(checkpoint)
     specials = load_specials(checkpoint)
-    base_template = chat_template_of(checkpoint)
-    template = base_template or CHAT_TEMPLATE
     try:
         model = load_model(checkpoint)
     except ValueError as e:
@@ -99,56 +91,44 @@ def run(
         raise UsageError(
             f"config key 'seq_len': {seq_len} > the model's max_seq_len {model.config.max_seq_len}"
         )
-    row_len = seq_len + 1  # T inputs and T targets
     if cfg.packing and "segment_ids" not in inspect.signature(model.forward).parameters:
         raise UsageError(
             f"{checkpoint}: this model type cannot keep packed examples apart "
             "(no segment_ids); use --set packing=false"
         )
 
-    # All data problems surface here, before anything is created on disk.
-    loaded = load_chats(
-        data, tok, template=template, end_id=specials.end_of_turn, ctx=row_len, opts=cfg
-    )
-    train_ex, val_ex = split_examples(loaded.examples, cfg.val_fraction)
-    # Padding hides behind the loss mask (a position, never an id, decides what is a target),
-    # so pad may be any id; llmctl's <|pad|> is distinct from <|end|> anyway.
-    pad = specials.pad_or_eos
-    rows = ChatRows(train_ex, row_len=row_len, batch_size=cfg.batch_size, pack=cfg.packing,
-                    seed=cfg.seed, pad_id=pad)  # fmt: skip
+    sets = prepare_chats(checkpoint, data, cfg, tok=tok, specials=specials, seq_len=seq_len,
+                         batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+    rows, s = sets.train, sets.data.stats
     world = distributed.init(cfg.device)
     per_step = cfg.batch_size * cfg.grad_accum * world.size
     steps = cfg.steps or max(1, math.ceil(rows.rows_in_epochs(cfg.epochs) / per_step))
     tcfg = dataclasses.replace(cfg, steps=steps)
-    val = None
-    if val_ex:
-        val_rows = ChatRows(val_ex, row_len=row_len, batch_size=cfg.batch_size,
-                            pack=cfg.packing, seed=cfg.seed, pad_id=pad, shuffle=False)  # fmt: skip
-        val = lambda: (as_tensors(b) for b in val_rows.sequential(cfg.eval_batches))  # noqa: E731
-    elif world.main:
+    val = sets.val_batches(cfg.eval_batches)
+    if val is None and world.main:
         warn("no validation: too few examples to hold any out (val_fraction)")
 
     base_dtype = next(model.parameters()).dtype  # the output keeps it; training is fp32
     model = model.float().to(world.device)
     batches = StepBatches(rows.sample, accum=cfg.grad_accum, rank=world.rank, world=world.size)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in COSMETIC}
-    files = [Path(f) for f in loaded.stats["files"]]
+    files = sets.files
     fingerprint = {"config": settings, "checkpoint": ckpt.digest, "data": data_digest(files)}
-    s = loaded.stats
     if world.main:
         n = sum(p.numel() for p in model.parameters())
         info(f"finetune: {checkpoint} ({n / 1e6:.2f}M params), {s['examples']:,} examples "
-             f"({len(train_ex):,} train, {len(val_ex):,} val) from {len(files)} file(s), "
-             f"{rows.rows_per_epoch():,} rows of {row_len} per epoch, {steps:,} steps")  # fmt: skip
+             f"({len(rows.examples):,} train) from {len(files)} file(s), "
+             f"{rows.rows_per_epoch():,} rows of {rows.row_len} per epoch, "
+             f"{steps:,} steps")  # fmt: skip
 
-    tokenizer_config = _tokenizer_config(checkpoint, base_template)
+    tokenizer_config = _tokenizer_config(checkpoint, sets.base_template)
 
     def save(dir: Path, final: torch.nn.Module) -> None:
         extra: dict[str, Path | bytes] = {"tokenizer.json": checkpoint / "tokenizer.json"}
         if tokenizer_config is not None:
             extra["tokenizer_config.json"] = tokenizer_config
         save_checkpoint(dir, final.to(base_dtype), extra)
-        _write_rejected(dir, loaded.rejected)
+        write_rejected(dir, sets.data.rejected)
 
     def stats(result: Any) -> dict[str, Any]:
         base = _first_val_loss(partial_dir(out) / "metrics.jsonl")
@@ -158,12 +138,14 @@ def run(
             "seq_len": seq_len,
             "loss_on": cfg.loss_on,
             "packing": cfg.packing,
-            "examples_train": len(train_ex),
-            "examples_val": len(val_ex),
+            "examples_train": len(rows.examples),
+            "examples_val": len(sets.val.examples) if sets.val else 0,
             "rows_per_epoch": rows.rows_per_epoch(),
             "row_fill": round(rows.fill(), 4),
             "epochs": round(rows.epoch_of(steps * per_step), 4),
-            "chat_template": "base" if base_template else "llmctl default (written into output)",
+            "chat_template": (
+                "base" if sets.base_template else "llmctl default (written into output)"
+            ),
             **{k: v for k, v in s.items() if k != "files"},
             "data_files": s["files"],
         }
@@ -205,14 +187,6 @@ def _tokenizer_config(checkpoint: Path, base_template: str | None) -> bytes | No
     if base_template is None:
         data["chat_template"] = CHAT_TEMPLATE
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _write_rejected(dir: Path, rejected: list[Any]) -> None:
-    from llmctl.data.docs import ErrorLog
-
-    with ErrorLog(dir / "rejected" / "errors.jsonl") as log:
-        for bad in rejected:
-            log.add(bad)
 
 
 def _first_val_loss(metrics: Path) -> float | None:

@@ -31,7 +31,12 @@ boundary: `position_ids` and `segment_ids`), or one example per padded row. The 
 only on the seed, so `sample(i)` is a pure function of i (exact resume).
 
 Example:
-    data = load_chats([Path("sft.jsonl")], tok, template=None, ctx=65, opts=ChatDataConfig())
+    sets = prepare_chats(ckpt, [Path("sft.jsonl")], ChatDataConfig(), tok=tok,
+                         specials=load_specials(ckpt), seq_len=64, batch_size=8, seed=0)
+    batch = sets.train.sample(0)  # {"tokens", "loss_mask", "position_ids", "segment_ids"}
+    # or piece by piece:
+    data = load_chats([Path("sft.jsonl")], tok, template=None, end_id=end, ctx=65,
+                      opts=ChatDataConfig())
     train, val = split_examples(data.examples, 0.05)
     rows = ChatRows(train, row_len=65, batch_size=8, pack=True, seed=0, pad_id=pad)
     batch = rows.sample(0)   # {"tokens", "loss_mask", "position_ids", "segment_ids"}: [8, 65]
@@ -43,7 +48,7 @@ import gzip
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -666,6 +671,72 @@ class ChatRows:
         plan = self.epoch_plan(0)
         used = sum(len(self.examples[j].ids) for r in plan for j in r)
         return used / (len(plan) * self.row_len)
+
+
+@dataclass
+class ChatSets:
+    """What a training command needs from chat data (see `prepare_chats`)."""
+
+    data: ChatData  # examples, rejected records, stats
+    train: ChatRows
+    val: ChatRows | None  # None when too few examples to hold any out
+    template: str  # the template rendered with
+    base_template: str | None  # the checkpoint's own (None: it had none)
+    files: list[Path]  # the data files read, in order
+
+    def val_batches(self, max_batches: int) -> Callable[[], Iterator[dict[str, Any]]] | None:
+        """For the loop's `val=`: fresh tensor batches of the held-out rows, or None."""
+        from llmctl.train.batches import as_tensors
+
+        rows = self.val
+        if rows is None:
+            return None
+        return lambda: (as_tensors(b) for b in rows.sequential(max_batches))
+
+
+def prepare_chats(
+    checkpoint: Path,
+    data: Iterable[Path | str],
+    opts: ChatDataConfig,
+    *,
+    tok: Any,
+    specials: Any,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+) -> ChatSets:
+    """Read `data` for tuning `checkpoint` (whose tokenizer and `load_specials` result are
+    given): render with its chat template (llmctl's when it has none), mask, cut to rows of
+    `seq_len + 1` tokens, split off the held-out examples and plan the rows. Every data
+    problem raises here, before a command creates anything on disk."""
+    from llmctl.tokenizer import CHAT_TEMPLATE, chat_template_of
+
+    base_template = chat_template_of(checkpoint)
+    template = base_template or CHAT_TEMPLATE
+    row_len = seq_len + 1  # T inputs and T targets
+    loaded = load_chats(
+        data, tok, template=template, end_id=specials.end_of_turn, ctx=row_len, opts=opts
+    )
+    train_ex, val_ex = split_examples(loaded.examples, opts.val_fraction)
+    # Padding hides behind the loss mask (a position, never an id, decides what is a target),
+    # so pad may be any id; llmctl's <|pad|> is distinct from <|end|> anyway.
+    kw = dict(row_len=row_len, batch_size=batch_size, pack=opts.packing, seed=seed,
+              pad_id=specials.pad_or_eos)  # fmt: skip
+    train = ChatRows(train_ex, **kw)  # type: ignore[arg-type]
+    val = ChatRows(val_ex, **kw, shuffle=False) if val_ex else None  # type: ignore[arg-type]
+    files = [Path(f) for f in loaded.stats["files"]]
+    return ChatSets(loaded, train, val, template, base_template, files)
+
+
+def write_rejected(dir: Path, rejected: Iterable[BadRecord]) -> Path:
+    """`dir/rejected/errors.jsonl` with every rejected record (an empty file when none)."""
+    from llmctl.data.docs import ErrorLog
+
+    path = dir / "rejected" / "errors.jsonl"
+    with ErrorLog(path) as log:
+        for bad in rejected:
+            log.add(bad)
+    return path
 
 
 def data_digest(files: Iterable[Path]) -> list[str]:
