@@ -203,3 +203,35 @@ def test_alpaca_demo_file_reads_as_one_json_array(base: Path) -> None:
     records = json.loads(ALPACA.read_text())
     for ex, rec in list(zip(data.examples, records, strict=True))[:50]:
         assert ex.ids[ex.mask == 1].tolist() == [*encode(tok, rec["output"]), END_ID]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_with_double_accumulation(
+    base: Path, chats: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["finetune", str(base), str(chats), *FAST, "--steps", "4", "--lr", "3e-3",
+            "--set", "log_every=1", "--set", "eval_every=0"]  # fmt: skip
+    one = tmp_path / "one"
+    res = subprocess.run([str(bin_dir / "llmctl"), *args, "--out", str(one),
+                          "--set", "grad_accum=2"], capture_output=True, env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    two = tmp_path / "two"
+    torchrun = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+    res = subprocess.run([*torchrun, str(bin_dir / "llmctl"), *args, "--out", str(two)],
+                         capture_output=True, env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    a = [r for r in metrics(one) if "loss" in r]
+    b = [r for r in metrics(two) if "loss" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    s1, s2 = open_artifact(one, "checkpoint").stats, open_artifact(two, "checkpoint").stats
+    assert s2["world_size"] == 2 and s1["tokens_seen"] == s2["tokens_seen"]
+    assert s2["val_loss"] == pytest.approx(s1["val_loss"], abs=1e-5)
+    assert s2["base_val_loss"] == pytest.approx(s1["base_val_loss"], abs=1e-6)

@@ -1,7 +1,7 @@
 """Instruction data: chat files in, token rows with an assistant-only loss mask out.
 
 Used by `finetune` and `lora`. Reading: `.json` (an array, one object, or JSON lines),
-`.jsonl`, `.ndjson` and their `.gz`, files or folders of them. Each file's shape is detected
+`.json.gz`, `.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.ndjson`, files or folders of them. Each file's shape is detected
 from its first record that has one (a file where none has is a one-line error naming it):
 
 - `messages`: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
@@ -66,7 +66,7 @@ from llmctl.data.docs import (
 )
 from llmctl.errors import UsageError
 
-CHAT_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
+CHAT_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
 SHAPES = ("messages", "prompt_response", "prompt_completion", "alpaca")
 SHAPE_KEYS = {
     "messages": "messages",
