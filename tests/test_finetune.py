@@ -34,12 +34,14 @@ def llmctl(*args: object) -> object:
     return runner.invoke(app, [str(a) for a in args])
 
 
-def make_checkpoint(out: Path, tok_dir: Path, *, template: bool = True) -> Path:
+def make_checkpoint(out: Path, tok_dir: Path, *, template: bool | str = True) -> Path:
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=load_tokenizer(tok_dir).get_vocab_size()))
     cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
-    if not template:
+    if template is False:
         del cfg["chat_template"]
+    elif isinstance(template, str):
+        cfg["chat_template"] = template
     files = {"tokenizer.json": tok_dir / "tokenizer.json",
              "tokenizer_config.json": json.dumps(cfg).encode()}  # fmt: skip
     with building(out, kind="checkpoint", command="test", config={}) as art:
@@ -117,6 +119,30 @@ def test_a_base_without_a_template_gets_the_default_written_in(base: Path, tmp_p
     assert r.exit_code == 0, r.output
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
     assert open_artifact(out, "checkpoint").stats["chat_template"].startswith("llmctl default")
+
+
+def test_the_base_template_is_trained_on_and_generate_renders_with_it(
+    base: Path, tmp_path: Path
+) -> None:
+    from llmctl.tokenizer import encode, render_chat
+
+    custom = CHAT_TEMPLATE.replace("'<|end|>'", "'<|end|>\\n'")  # a newline after each turn
+    assert custom != CHAT_TEMPLATE
+    own = make_checkpoint(tmp_path / "own", base, template=custom)
+    out = tmp_path / "sft"
+    r = llmctl("finetune", own, IDENTITY, "--out", out, *FAST, "--steps", 2)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == custom
+    assert open_artifact(out, "checkpoint").stats["chat_template"] == "base"
+    r = llmctl("generate", out, "--chat", "--prompt", "Who are you?", "--max-new-tokens", 2,
+               "--out", tmp_path / "gen", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (row,) = [json.loads(x) for x in (tmp_path / "gen" / "samples.jsonl").read_text().splitlines()]
+    msgs = [{"role": "user", "content": "Who are you?"}]
+    tok = load_tokenizer(out)
+    want = encode(tok, render_chat(msgs, add_generation_prompt=True, template=custom))
+    assert row["prompt_tokens"] == len(want)
+    assert len(want) != len(encode(tok, render_chat(msgs, add_generation_prompt=True)))
 
 
 def test_epochs_set_the_step_count_and_padding_works(base: Path, tmp_path: Path) -> None:
