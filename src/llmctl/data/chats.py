@@ -1,8 +1,9 @@
 """Instruction data: chat files in, token rows with an assistant-only loss mask out.
 
 Used by `finetune` and `lora`. Reading: `.json` (an array, one object, or JSON lines),
-`.json.gz`, `.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.ndjson`, files or folders of them. Each file's shape is detected
-from its first record that has one (a file where none has is a one-line error naming it):
+`.json.gz`, `.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.ndjson`, files or folders of them. Each
+file's shape is detected from its first record that has one (a file where none has is a
+one-line error naming it):
 
 - `messages`: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
 - `prompt_response`: `{"prompt", "response"}`;  `prompt_completion`: `{"prompt", "completion"}`

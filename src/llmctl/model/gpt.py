@@ -621,11 +621,10 @@ class GPT(nn.Module):
                     f"got {list(attention_mask.shape)}"
                 )
             attention_mask = attention_mask.bool()
-        if segment_ids is not None:
-            if segment_ids.shape != (B, T):
-                raise ValueError(
-                    f"segment_ids must be [B, T] = [{B}, {T}], got {list(segment_ids.shape)}"
-                )
+        if segment_ids is not None and segment_ids.shape != (B, T):
+            raise ValueError(
+                f"segment_ids must be [B, T] = [{B}, {T}], got {list(segment_ids.shape)}"
+            )
         contiguous = position_ids is None and attention_mask is None  # positions past..kv_len
         if position_ids is None:
             if attention_mask is not None:
