@@ -262,3 +262,42 @@ def test_two_gloo_processes_match_one_with_double_accumulation(
     assert s2["world_size"] == 2 and s1["tokens_seen"] == s2["tokens_seen"]
     assert s2["val_loss"] == pytest.approx(s1["val_loss"], abs=1e-5)
     assert s2["base_val_loss"] == pytest.approx(s1["base_val_loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_greedy_chat_on_a_held_out_instruction_ends_its_turn(base: Path, tmp_path: Path) -> None:
+    """What instruction tuning is for: the tuned model answers and stops (<|end|>)."""
+    import random
+
+    rng = random.Random(0)
+    words = [
+        "apple",
+        "river",
+        "stone",
+        "cloud",
+        "tiger",
+        "lemon",
+        "candle",
+        "forest",
+        "silver",
+        "window",
+        "garden",
+    ]
+    data = tmp_path / "say.jsonl"
+    with data.open("w") as f:
+        for _ in range(200):
+            w, n = rng.choice(words), rng.randint(1, 3)
+            rec = {"prompt": f"Say {w} {n} times.", "response": " ".join([w] * n) + "."}
+            f.write(json.dumps(rec) + "\n")
+    out = tmp_path / "sft"
+    r = llmctl("finetune", base, data, "--out", out, "--batch-size", 8, "--seq-len", 32,
+               "--device", "cpu", "-q", "--steps", 80, "--lr", 3e-3)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    s = open_artifact(out, "checkpoint").stats
+    assert s["val_loss"] < s["base_val_loss"] / 2
+    # "banana" is in no training example
+    r = llmctl("generate", out, "--chat", "--prompt", "Say banana 2 times.",
+               "--max-new-tokens", 24, "--out", tmp_path / "gen", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (row,) = [json.loads(x) for x in (tmp_path / "gen" / "samples.jsonl").read_text().splitlines()]
+    assert row["finish_reason"] == "stop" and row["completion_tokens"] < 24
