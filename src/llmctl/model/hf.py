@@ -20,10 +20,61 @@ if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 
-def _require(cfg: GPTConfig, target: str, **wanted: object) -> None:
-    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in wanted.items() if getattr(cfg, k) != v]
+def _needs(cfg: GPTConfig, layout: str) -> dict[str, object]:
+    if layout == "gpt2":
+        return dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, causal=True,
+                    n_kv_head=cfg.n_head)  # fmt: skip
+    return dict(pos="rope", norm="rmsnorm", mlp="swiglu", causal=True)
+
+
+def _mismatch(cfg: GPTConfig, layout: str) -> list[str]:
+    needs = _needs(cfg, layout)
+    return [f"{k}={getattr(cfg, k)!r}" for k, v in needs.items() if getattr(cfg, k) != v]
+
+
+def _require(cfg: GPTConfig, layout: str) -> None:
+    target = {"gpt2": "GPT-2", "llama": "Llama"}[layout]
+    wrong = _mismatch(cfg, layout)
     if wrong:
+        wanted = _needs(cfg, layout)
         raise ValueError(f"cannot map to {target}: needs {wanted}, has {', '.join(wrong)}")
+
+
+def hf_layout(cfg: GPTConfig) -> str | None:
+    """`"gpt2"` or `"llama"`: the transformers architecture `cfg` maps onto weight for weight
+    (`to_hf_gpt2` / `to_hf_llama`), or None when neither fits. Needs no transformers."""
+    return next((lay for lay in ("gpt2", "llama") if not _mismatch(cfg, lay)), None)
+
+
+def hf_module_names(cfg: GPTConfig) -> dict[str, tuple[str, slice | None]]:
+    """Every Linear layer of a GPT with `cfg` -> (the name of the transformers module that
+    holds it, and the rows of that module's output that are ours, or None for all of them).
+    Only GPT-2's fused `c_attn` ([q; k; v]) holds several of ours. Empty when `hf_layout(cfg)`
+    is None. Example: "blocks.0.attn.k_proj" -> ("transformer.h.0.attn.c_attn", slice(64, 128))."""
+    layout = hf_layout(cfg)
+    out: dict[str, tuple[str, slice | None]] = {}
+    if layout is None:
+        return out
+    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+    for i in range(cfg.n_layer):
+        ours = f"blocks.{i}."
+        if layout == "llama":
+            p = f"model.layers.{i}."
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out[f"{ours}attn.{n}"] = (f"{p}self_attn.{n}", None)
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{ours}mlp.{n}"] = (f"{p}mlp.{n}", None)
+        else:
+            p = f"transformer.h.{i}."
+            rows = {"q_proj": slice(0, d), "k_proj": slice(d, d + kv),
+                    "v_proj": slice(d + kv, d + 2 * kv)}  # fmt: skip
+            for n, r in rows.items():
+                out[f"{ours}attn.{n}"] = (f"{p}attn.c_attn", r)
+            out[f"{ours}attn.o_proj"] = (f"{p}attn.c_proj", None)
+            out[f"{ours}mlp.up_proj"] = (f"{p}mlp.c_fc", None)
+            out[f"{ours}mlp.down_proj"] = (f"{p}mlp.c_proj", None)
+    out["lm_head"] = ("lm_head", None)
+    return out
 
 
 def to_hf_gpt2(model: GPT) -> GPT2LMHeadModel:
@@ -32,10 +83,7 @@ def to_hf_gpt2(model: GPT) -> GPT2LMHeadModel:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.config
-    _require(
-        cfg, "GPT-2", pos="learned", norm="layernorm", mlp="gelu", bias=True, causal=True,
-        n_kv_head=cfg.n_head,
-    )  # fmt: skip
+    _require(cfg, "gpt2")
     hf = GPT2LMHeadModel(
         GPT2Config(
             vocab_size=cfg.vocab_size,
@@ -89,7 +137,7 @@ def to_hf_llama(model: GPT) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = model.config
-    _require(cfg, "Llama", pos="rope", norm="rmsnorm", mlp="swiglu", causal=True)
+    _require(cfg, "llama")
     hf = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=cfg.vocab_size,
