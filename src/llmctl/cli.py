@@ -377,6 +377,63 @@ def finetune(
 
 
 @command
+def lora(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact to adapt (stays frozen).")
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Argument(help="A tokens artifact, or instruction files (JSON/JSONL, .gz)."),
+    ] = None,
+    out: OutOpt = None,
+    merge: Annotated[
+        Path | None,
+        typer.Option(
+            "--merge", help="Merge this adapter into CHECKPOINT; --out gets a checkpoint."
+        ),
+    ] = None,
+    rank: _opt("--rank", "LoRA rank r.") = None,
+    alpha: _opt("--alpha", "LoRA alpha (the update is scaled by alpha / rank).", float) = None,
+    dropout: _opt("--dropout", "Dropout on the LoRA input.", float) = None,
+    targets: _opt(
+        "--targets", "Layers to adapt, comma-separated: q_proj..lm_head, attn, mlp, all.", str
+    ) = None,
+    steps: StepsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    compile: CompileOpt = False,
+    strict: StrictOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train LoRA adapters on a frozen checkpoint (writes an adapter), or --merge one into it.
+
+    The adapter is in PEFT's layout under the base's transformers module names.
+    """
+    from llmctl.commands import lora as verb
+
+    if merge is not None:
+        if data:
+            raise UsageError(f"{data[0]}: --merge takes no DATA (only CHECKPOINT and --out)")
+        verb.merge(need(checkpoint, "CHECKPOINT"), merge, need_out(out), force=force)
+        return
+    cfg = resolve(
+        verb.LoraConfig, config, sets, show_config,
+        rank=rank, alpha=alpha, dropout=dropout, targets=targets.split(",") if targets else None,
+        strict=strict or None,
+        **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
+    )  # fmt: skip
+    verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), need_out(out), cfg,
+             force=force)  # fmt: skip
+
+
+@command
 def eval(
     checkpoint: Annotated[
         Path | None, typer.Argument(help="Checkpoint artifact directory.")
