@@ -1,5 +1,5 @@
 """Hostile and broken inputs end to end (../shared/reference/reliability.md §2): damaged
-weights and tampered checkpoints through `generate`, `eval` and `finetune` (C3, C4, C6),
+weights and tampered checkpoints through `generate`, `eval`, `finetune` and `lora` (C3, C4, C6),
 over-long JSONL lines in `clean` and `tokenize` (D6), records no stage may crash on (D8), and
 a disk that fills up mid-write (B3). Every failure must be one line naming the file, never a
 traceback."""
@@ -79,8 +79,8 @@ def rehash(ckpt: Path, name: str) -> None:
 def run_on(command: str, ckpt: Path) -> tuple[int, str]:
     if command == "generate":
         return llmctl("generate", ckpt, "--prompt", "To be", "--max-new-tokens", "2", "-q")
-    if command == "finetune":
-        return llmctl("finetune", ckpt, SFT, "--out", ckpt.parent / "sft", "--steps", "1",
+    if command in ("finetune", "lora"):
+        return llmctl(command, ckpt, SFT, "--out", ckpt.parent / command, "--steps", "1",
                       "--batch-size", "2", "--device", "cpu", "--force", "-q")  # fmt: skip
     return llmctl("eval", ckpt, DATA, "--max-tokens", "200", "-q")
 
@@ -120,7 +120,7 @@ def nan_weight(path: Path) -> None:
     save_file(tensors, path)
 
 
-@pytest.mark.parametrize("command", ["generate", "eval", "finetune"])
+@pytest.mark.parametrize("command", ["generate", "eval", "finetune", "lora"])
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -173,7 +173,7 @@ def swap_tokenizer(copy: Path, tok_dir: Path, tmp_path: Path) -> Path:
     return copy / "tokenizer.json"
 
 
-@pytest.mark.parametrize("command", ["generate", "eval", "finetune"])
+@pytest.mark.parametrize("command", ["generate", "eval", "finetune", "lora"])
 @pytest.mark.parametrize("edit", [edit_vocab, swap_tokenizer])
 def test_tokenizer_model_mismatch_is_refused(
     ckpt: Path, tok_dir: Path, tmp_path: Path, command: str, edit
