@@ -1,9 +1,9 @@
 """The full build as users run it: `make -f recipes/build.mk` on the bundled corpus.
 
 Runs the real chain (clean → dedup → tokenize → pretrain → eval → generate, and pretrain →
-finetune → generate --chat) with the `tiny` preset, then checks what make promises: every
-stage's artifact is complete and names its input, a second `make` rebuilds nothing, and a
-deleted stage is rebuilt alone.
+finetune → generate --chat, and pretrain → lora → generate --adapter --chat) with the `tiny`
+preset, then checks what make promises: every stage's artifact is complete and names its
+input, a second `make` rebuilds nothing, and a deleted stage is rebuilt alone.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ def test_tiny_recipe_builds_every_stage_and_reruns_nothing(tmp_path: Path) -> No
     assert sft.stats["examples"] == 266 and sft.stats["rejected_total"] == 0
     chat = open_artifact(out / "chat", "samples")
     (row,) = [json.loads(line) for line in (chat.path / "samples.jsonl").open()]
+    assert row["prompt"] == "Who are you?" and row["finish_reason"] in ("stop", "length")
+    lora = open_artifact(out / "lora", "adapter")
+    assert lora.data["inputs"]["checkpoint"]["digest"] == arts["model"].digest
+    assert lora.stats["val_loss"] < lora.stats["base_val_loss"] - 1.0
+    assert lora.stats["examples"] == 266 and lora.stats["trainable_share"] < 0.15
+    (row,) = [json.loads(line) for line in (out / "lora-chat" / "samples.jsonl").open()]
     assert row["prompt"] == "Who are you?" and row["finish_reason"] in ("stop", "length")
 
     rerun = _make(out, "all")
