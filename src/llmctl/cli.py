@@ -352,6 +352,109 @@ def pretrain(
 
 
 @command
+def finetune(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact to tune (from `llmctl pretrain`).")
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Chat data: JSON/JSONL(.gz) files or folders (messages, "
+            "prompt+response, prompt+completion or Alpaca records)."
+        ),
+    ] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
+    epochs: _opt(
+        "--epochs", "Passes over the training examples (instead of --steps).", float
+    ) = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    compile: CompileOpt = False,
+    strict: StrictOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Instruction-tune a checkpoint (loss on assistant turns); rerun the same command to resume.
+
+    Under `torchrun --nproc-per-node N` it trains data-parallel (DDP, or FSDP2).
+    """
+    from llmctl.commands import finetune as verb
+
+    cfg = resolve(
+        verb.FinetuneConfig, config, sets, show_config, epochs=epochs, strict=strict or None,
+        **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
+    )  # fmt: skip
+    if steps is not None and epochs is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), need_out(out), cfg,
+             force=force)  # fmt: skip
+
+
+@command
+def lora(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact to adapt (stays frozen).")
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Argument(help="A tokens artifact, or instruction files (JSON/JSONL, .gz)."),
+    ] = None,
+    out: OutOpt = None,
+    merge: Annotated[
+        Path | None,
+        typer.Option(
+            "--merge", help="Merge this adapter into CHECKPOINT; --out gets a checkpoint."
+        ),
+    ] = None,
+    rank: _opt("--rank", "LoRA rank r.") = None,
+    alpha: _opt("--alpha", "LoRA alpha (the update is scaled by alpha / rank).", float) = None,
+    dropout: _opt("--dropout", "Dropout on the LoRA input.", float) = None,
+    targets: _opt(
+        "--targets", "Layers to adapt, comma-separated: q_proj..lm_head, attn, mlp, all.", str
+    ) = None,
+    steps: StepsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    compile: CompileOpt = False,
+    strict: StrictOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train LoRA adapters on a frozen checkpoint (writes an adapter), or --merge one into it.
+
+    The adapter is in PEFT's layout under the base's transformers module names.
+    """
+    from llmctl.commands import lora as verb
+
+    if merge is not None:
+        if data:
+            raise UsageError(f"{data[0]}: --merge takes no DATA (only CHECKPOINT and --out)")
+        verb.merge(need(checkpoint, "CHECKPOINT"), merge, need_out(out), force=force)
+        return
+    cfg = resolve(
+        verb.LoraConfig, config, sets, show_config,
+        rank=rank, alpha=alpha, dropout=dropout, targets=targets.split(",") if targets else None,
+        strict=strict or None,
+        **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
+    )  # fmt: skip
+    verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), need_out(out), cfg,
+             force=force)  # fmt: skip
+
+
+@command
 def eval(
     checkpoint: Annotated[
         Path | None, typer.Argument(help="Checkpoint artifact directory.")

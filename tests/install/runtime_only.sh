@@ -63,4 +63,11 @@ code=$?
 set -e
 test "$code" -eq 2 && test "$msg" = "error: --engine ray needs Ray: pip install 'llmctl[ray]'"
 test ! -e dedup-ray
+step finetune model "$root/recipes/data/sft/identity.jsonl" --out sft --steps 2 --batch-size 2 --device cpu
+step generate sft --chat --prompt "Who are you?" --max-new-tokens 8
+# lora: on tokens, on instruction records, merged, and applied by generate
+step lora model tokens --out adapter --steps 3 --batch-size 2 --seq-len 32 --device cpu
+step lora model "$root/recipes/data/sft/identity.jsonl" --out adapter-chat --steps 2 --batch-size 2 --device cpu
+step lora model --merge adapter --out merged
+step generate model --adapter adapter --prompt "ROMEO:" --max-new-tokens 8
 echo "runtime-only: every command ran from a plain install"

@@ -184,7 +184,14 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     a `samples` artifact. Returns the sample records."""
 
     from llmctl.model import sample
-    from llmctl.tokenizer import decode, encode, encode_prompt, load_specials, render_chat
+    from llmctl.tokenizer import (
+        chat_template_of,
+        decode,
+        encode,
+        encode_prompt,
+        load_specials,
+        render_chat,
+    )
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     given = cfg.prompt is not None or bool(cfg.prompts)
@@ -195,6 +202,7 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     model, tok, ckpt, draft = _load(cfg, checkpoint)
     specials = load_specials(checkpoint)
     pad_id = specials.pad_or_eos
+    template = chat_template_of(checkpoint)  # the one finetune trained with; None: llmctl's
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     mlm = not model.config.causal
     if mlm:
@@ -220,7 +228,7 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     def tokens_of(where: str, value: str | list[dict[str, str]]) -> list[int]:
         if isinstance(value, list) or cfg.chat:
             msgs = value if isinstance(value, list) else [{"role": "user", "content": value}]
-            ids = encode(tok, render_chat(msgs, add_generation_prompt=True))
+            ids = encode(tok, render_chat(msgs, add_generation_prompt=True, template=template))
         else:
             ids = encode_prompt(tok, value)
         if len(ids) > limit:

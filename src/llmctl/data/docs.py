@@ -354,6 +354,23 @@ def _to_json(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)
 
 
+def load_json_line(raw: Raw) -> Any:
+    """The JSON value of one `json` Raw record, or a BadRecord saying why it has none."""
+    try:
+        return json.loads(raw.payload.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return BadRecord(raw.file, raw.line, "invalid_utf8", str(e)[:EXCERPT_CHARS])
+    except json.JSONDecodeError as e:
+        excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
+        return BadRecord(raw.file, raw.line, "bad_json", f"{e.msg}: {excerpt}")
+    except (RecursionError, ValueError) as e:
+        # Valid syntax the decoder still refuses: nesting deeper than its recursion limit
+        # ("[[[[..." in one short line), an integer of more than 4,300 digits.
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
+        return BadRecord(raw.file, raw.line, "bad_json", f"{what}: {excerpt}")
+
+
 # Fields that are ours and must not be copied from an input record into `meta`.
 _OWN = {"id", "text", "source"}
 
@@ -375,19 +392,9 @@ def parse_raw(raw: Raw, opts: ReadOptions) -> Doc | BadRecord:
             return BadRecord(raw.file, raw.line, "no_main_text", raw.url or "")
         return Doc(raw.url or where_id, text, raw.file, {"url": raw.url} if raw.url else {})
     if raw.kind == "json":
-        try:
-            rec = json.loads(raw.payload.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            return BadRecord(raw.file, raw.line, "invalid_utf8", str(e)[:EXCERPT_CHARS])
-        except json.JSONDecodeError as e:
-            excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
-            return BadRecord(raw.file, raw.line, "bad_json", f"{e.msg}: {excerpt}")
-        except (RecursionError, ValueError) as e:
-            # Valid syntax the decoder still refuses: nesting deeper than its recursion limit
-            # ("[[[[..." in one short line), an integer of more than 4,300 digits.
-            what = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
-            excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
-            return BadRecord(raw.file, raw.line, "bad_json", f"{what}: {excerpt}")
+        rec = load_json_line(raw)
+        if isinstance(rec, BadRecord):
+            return rec
     else:
         rec = raw.payload
     if not isinstance(rec, dict):

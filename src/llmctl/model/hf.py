@@ -206,6 +206,46 @@ def _llama_name(name: str) -> str:
     return name  # lm_head.weight
 
 
+def maybe_hf_layout(cfg: GPTConfig) -> str | None:
+    """`hf_layout(cfg)`, or None when no transformers layout fits (adapters then keep our
+    module names)."""
+    try:
+        return hf_layout(cfg)
+    except ValueError:
+        return None
+
+
+def hf_module_names(cfg: GPTConfig) -> dict[str, tuple[str, slice | None]]:
+    """Every Linear layer of a GPT with `cfg` -> (the name of the transformers module that
+    holds it, and the rows of that module's output that are ours, or None for all of them).
+    Only GPT-2's fused `c_attn` ([q; k; v]) holds several of ours. Empty when no layout fits.
+    Example: "blocks.0.attn.k_proj" -> ("transformer.h.0.attn.c_attn", slice(64, 128))."""
+    layout = maybe_hf_layout(cfg)
+    out: dict[str, tuple[str, slice | None]] = {}
+    if layout is None:
+        return out
+    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+    for i in range(cfg.n_layer):
+        ours = f"blocks.{i}."
+        if layout == "llama":
+            p = f"model.layers.{i}."
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out[f"{ours}attn.{n}"] = (f"{p}self_attn.{n}", None)
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{ours}mlp.{n}"] = (f"{p}mlp.{n}", None)
+        else:
+            p = f"transformer.h.{i}."
+            rows = {"q_proj": slice(0, d), "k_proj": slice(d, d + kv),
+                    "v_proj": slice(d + kv, d + 2 * kv)}  # fmt: skip
+            for n, r in rows.items():
+                out[f"{ours}attn.{n}"] = (f"{p}attn.c_attn", r)
+            out[f"{ours}attn.o_proj"] = (f"{p}attn.c_proj", None)
+            out[f"{ours}mlp.up_proj"] = (f"{p}mlp.c_fc", None)
+            out[f"{ours}mlp.down_proj"] = (f"{p}mlp.c_proj", None)
+    out["lm_head"] = ("lm_head", None)
+    return out
+
+
 def to_hf_gpt2(model: GPT) -> GPT2LMHeadModel:
     """A `transformers.GPT2LMHeadModel` with `model`'s weights (eval mode, same dtype).
     Needs learned positions, layernorm, gelu, biases, causal, and n_kv_head == n_head."""

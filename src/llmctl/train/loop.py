@@ -296,13 +296,19 @@ def train(
     val: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
     probes: Sequence[Probe] = (),
     flops_per_token: float = 0.0,
+    eval_first: bool = False,
 ) -> TrainResult:
     """Train `model` (already on its device) for `cfg.steps` optimizer steps, resuming from
     `writer.state_dir` when a state is there. `val()` returns fresh validation batches;
-    `probes` run beside it; `flops_per_token` (training FLOPs) turns throughput into MFU."""
+    `probes` run beside it; `flops_per_token` (training FLOPs) turns throughput into MFU.
+    `eval_first` also evaluates before the first step (logged as step 0: a finetuned base's
+    own loss), so even a short run shows where it started."""
     run = _Run(model, objective, cfg, writer)
     run.restore(batches)
     with run.running():
+        if eval_first and run.start == 0 and (val is not None or probes):
+            writer.rewind(-1)  # a run killed before its first save logged step 0 already
+            run.evaluate(0, val, probes)
         for step in range(run.start, cfg.steps):
             lr = run.sched(step)
             set_lr(run.optimizer, lr)
