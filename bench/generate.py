@@ -104,7 +104,7 @@ def cuda_rows(quick: bool) -> list[dict[str, object]]:
 
             return run
 
-        return best_times([sync(f) for f in fns], 1 if quick else 3)
+        return best_times([sync(f) for f in fns], 1 if quick else 2)
 
     def sides(model: GPT, hf: object, batch: int, hf_static: bool) -> dict[str, object]:
         ids = torch.randint(8, model.config.vocab_size, (batch, prompt_len),
@@ -143,6 +143,7 @@ def cuda_rows(quick: bool) -> list[dict[str, object]]:
     model.to(torch.bfloat16)
     for batch in (1, 32, 128):
         rows.append({"model": "gpt2-124m bf16", **sides(model, hf, batch, hf_static=batch == 1)})
+        print(rows[-1], flush=True)  # a long GPU run keeps what it measured so far
     del model, hf
     torch.cuda.empty_cache()
     big = GPT(preset("llama-style", n_layer=22, d_model=2048, n_head=32, n_kv_head=4,

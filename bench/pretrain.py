@@ -151,7 +151,7 @@ def nanogpt(batch: int, seq: int, steps: int) -> dict | None:
     for step in range(steps):
         xy = torch.from_numpy(get(step)).pin_memory().cuda(non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = cm(xy[:, :-1], xy[:, 1:])
+            _, loss = cm(xy[:, :-1].contiguous(), xy[:, 1:].contiguous())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP)
         opt.step()
@@ -183,6 +183,7 @@ def gpu(args: argparse.Namespace) -> list[tuple]:
         ratio = "-" if p is None else f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}x"
         rows.append((f"gpt2-124m train tok/s ({name})", f"B={batch} T={seq}, bf16, compile",
                      f"{r['tokens_per_s']:,.0f} (MFU {r['mfu']:.1%})", peer, ratio))  # fmt: skip
+        print(rows[-1], flush=True)  # a long GPU run keeps what it measured so far
     if args.levers:
         batch = args.batches[0]
         r = ours(cfg, batch, seq, args.steps, "cuda", compile=True, objective=OuterLoss())

@@ -186,8 +186,9 @@ def test_adapter_is_merged_only_onto_its_base(ckpts: Ckpts, tmp_path: Path) -> N
 
     for name, base in (("good", digest), ("foreign", "0" * 64)):
         with building(tmp_path / name, kind="adapter", command="test", config={}) as art:
-            save_file({"base_model.model.blocks.0.attn.q_proj.lora_A.weight": a,
-                       "base_model.model.blocks.0.attn.q_proj.lora_B.weight": b},
+            # the tiny preset is Llama-shaped: tensors go under Llama's module names
+            save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
+                       "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b},
                       art.dir / "adapter_model.safetensors")  # fmt: skip
             (art.dir / "adapter_config.json").write_text(json.dumps({
                 "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],

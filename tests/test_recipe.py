@@ -1,6 +1,7 @@
 """The full build as users run it: `make -f recipes/build.mk` on the bundled corpus.
 
-Runs the real chain (clean → dedup → tokenize → pretrain → eval → generate) with the `tiny`
+Runs the real chain (clean → dedup → tokenize → pretrain → eval → generate, and pretrain →
+finetune → generate --chat, and pretrain → lora → generate --adapter --chat) with the `tiny`
 preset, then checks what make promises: every stage's artifact is complete and names its
 input, a second `make` rebuilds nothing, and a deleted stage is rebuilt alone.
 """
@@ -20,7 +21,8 @@ from llmctl.artifacts import open_artifact
 
 REPO = Path(__file__).resolve().parent.parent
 LLMCTL = str(Path(sys.executable).with_name("llmctl"))
-STAGES = {"clean": "docs", "dedup": "docs", "tokens": "tokens", "model": "checkpoint"}
+STAGES = {"clean": "docs", "dedup": "docs", "tokens": "tokens", "model": "checkpoint",
+          "sft": "checkpoint"}  # fmt: skip
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,6 +55,21 @@ def test_tiny_recipe_builds_every_stage_and_reruns_nothing(tmp_path: Path) -> No
     assert figures["loss"] > 0 and figures["bits_per_byte"] > 0
     val_loss = arts["model"].stats["val_loss"]
     assert abs(figures["loss"] - val_loss) < 0.5  # same model, full val split vs sampled batches
+
+    # finetune on the bundled instruction data: held-out loss below the base's, then a chat
+    sft = arts["sft"]
+    assert sft.data["inputs"]["checkpoint"]["digest"] == arts["model"].digest
+    assert sft.stats["val_loss"] < sft.stats["base_val_loss"] - 1.0
+    assert sft.stats["examples"] == 266 and sft.stats["rejected_total"] == 0
+    chat = open_artifact(out / "chat", "samples")
+    (row,) = [json.loads(line) for line in (chat.path / "samples.jsonl").open()]
+    assert row["prompt"] == "Who are you?" and row["finish_reason"] in ("stop", "length")
+    lora = open_artifact(out / "lora", "adapter")
+    assert lora.data["inputs"]["checkpoint"]["digest"] == arts["model"].digest
+    assert lora.stats["val_loss"] < lora.stats["base_val_loss"] - 1.0
+    assert lora.stats["examples"] == 266 and lora.stats["trainable_share"] < 0.15
+    (row,) = [json.loads(line) for line in (out / "lora-chat" / "samples.jsonl").open()]
+    assert row["prompt"] == "Who are you?" and row["finish_reason"] in ("stop", "length")
 
     rerun = _make(out, "all")
     assert "llmctl" not in rerun.stdout  # everything up to date

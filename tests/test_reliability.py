@@ -1,7 +1,8 @@
 """Hostile and broken inputs end to end (../shared/reference/reliability.md §2): damaged
-weights and tampered checkpoints through `generate` and `eval` (C3, C4, C6), over-long JSONL
-lines in `clean` and `tokenize` (D6), records no stage may crash on (D8), and a disk that fills
-up mid-write (B3). Every failure must be one line naming the file, never a traceback."""
+weights and tampered checkpoints through `generate`, `eval`, `finetune` and `lora` (C3, C4, C6),
+over-long JSONL lines in `clean` and `tokenize` (D6), records no stage may crash on (D8), and
+a disk that fills up mid-write (B3). Every failure must be one line naming the file, never a
+traceback."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from llmctl.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 DATA = Path(__file__).parent / "data" / "tinyshakespeare" / "input.txt"
 PARAS = [p for p in DATA.read_text(encoding="utf-8").split("\n\n") if p.strip()]
 WEB = Path(__file__).parent / "data" / "web" / "c4_demo.jsonl"
+SFT = Path(__file__).parents[1] / "recipes" / "data" / "sft" / "identity.jsonl"
 runner = CliRunner()
 
 
@@ -77,6 +79,12 @@ def rehash(ckpt: Path, name: str) -> None:
 def run_on(command: str, ckpt: Path) -> tuple[int, str]:
     if command == "generate":
         return llmctl("generate", ckpt, "--prompt", "To be", "--max-new-tokens", "2", "-q")
+    if command == "export":
+        out = ckpt.parent / "export"
+        return llmctl("export", ckpt, "--format", "gguf", "--out", out, "--force", "-q")
+    if command in ("finetune", "lora"):
+        return llmctl(command, ckpt, SFT, "--out", ckpt.parent / command, "--steps", "1",
+                      "--batch-size", "2", "--device", "cpu", "--force", "-q")  # fmt: skip
     return llmctl("eval", ckpt, DATA, "--max-tokens", "200", "-q")
 
 
@@ -115,14 +123,14 @@ def nan_weight(path: Path) -> None:
     save_file(tensors, path)
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("command", ["generate", "eval", "export", "finetune", "lora"])
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
         (truncated, "not a readable safetensors file"),
         (
-            huge_header,
-            "not a readable safetensors file (Error while deserializing header: header too large)",
+            huge_header,  # refused from its length field, before safetensors parses it
+            "not a readable safetensors file (header length 200,000,000 but",
         ),
         (random_bytes, "not a readable safetensors file"),
         (
@@ -168,7 +176,7 @@ def swap_tokenizer(copy: Path, tok_dir: Path, tmp_path: Path) -> Path:
     return copy / "tokenizer.json"
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("command", ["generate", "eval", "export", "finetune", "lora"])
 @pytest.mark.parametrize("edit", [edit_vocab, swap_tokenizer])
 def test_tokenizer_model_mismatch_is_refused(
     ckpt: Path, tok_dir: Path, tmp_path: Path, command: str, edit

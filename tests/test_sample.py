@@ -325,7 +325,10 @@ def write_adapter(dir: Path, model: GPT, digest: str | None, r: int = 2, alpha: 
         w = dict(model.named_modules())[name].weight
         pairs[name] = (torch.randn(r, w.shape[1]), torch.randn(w.shape[0], r))
     dir.mkdir(parents=True, exist_ok=True)
-    save_file({f"base_model.model.{n}.lora_{ab}.weight": t
+    # the tiny preset is Llama-shaped: the file uses Llama's module names
+    hf = {"blocks.0.attn.q_proj": "model.layers.0.self_attn.q_proj",
+          "blocks.1.mlp.down_proj": "model.layers.1.mlp.down_proj"}  # fmt: skip
+    save_file({f"base_model.model.{hf[n]}.lora_{ab}.weight": t
                for n, (a, b) in pairs.items() for ab, t in (("A", a), ("B", b))},
               dir / "adapter_model.safetensors")  # fmt: skip
     cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha,

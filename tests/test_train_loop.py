@@ -264,12 +264,38 @@ def test_huge_lr_diverges_and_stops(tmp_path: Path) -> None:
 def test_cuda_path_bf16_fused_compiled(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=VOCAB)).cuda()
-    cfg = TrainSettings(steps=30, lr=3e-3, warmup=2, log_every=1, compile=True, save_every=10,
-                      flops_per_token=model.flops_per_token(32))  # fmt: skip
-    res = train(model, StepBatches(windows(8, 33)), NextToken(), cfg, Writer(tmp_path, {}))
+    cfg = TrainSettings(steps=30, lr=3e-3, warmup=2, log_every=1, compile=True, save_every=10)
+    res = train(model, StepBatches(windows(8, 33)), NextToken(), cfg, Writer(tmp_path, {}),
+                flops_per_token=model.flops_per_token(32))  # fmt: skip
     got = losses(tmp_path)
     assert all(math.isfinite(x) for x in got) and got[-1] < got[0] - 0.5
     assert res.tokens_per_s and res.tokens_per_s > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_non_finite_step_is_skipped_on_the_device_and_stops_at_the_next_check(
+    tmp_path: Path,
+) -> None:
+    """On CUDA the finite check does not sync every step: the fused AdamW kernel skips the
+    poisoned step, and the next log window stops the run before anything after it is saved."""
+
+    class Poisoned(NextToken):
+        calls = 0
+
+        def __call__(self, *a, **k) -> LossOutput:
+            out = super().__call__(*a, **k)
+            Poisoned.calls += 1
+            if Poisoned.calls == 4:
+                out.total = out.total * float("inf")
+            return out
+
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=VOCAB)).cuda()
+    cfg = TrainSettings(steps=8, lr=3e-3, warmup=2, log_every=5, save_every=2)
+    with pytest.raises(NonFiniteLoss, match=r"step 4: loss is (inf|nan); its optimizer step was"):
+        train(model, StepBatches(windows(4, 33)), Poisoned(), cfg, Writer(tmp_path, {"r": 1}))
+    assert latest(tmp_path / "_state").name == "step-00000002"
 
 
 def test_activation_checkpointing_gives_the_same_run(tmp_path: Path) -> None:

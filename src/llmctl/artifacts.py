@@ -13,30 +13,33 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from llmctl import __version__
 from llmctl.errors import UsageError
+from llmctl.files import MAX_JSON_BYTES, check_regular, display, open_regular, read_json
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
-KINDS = ("docs", "tokens", "checkpoint", "adapter", "samples")
+KINDS = ("docs", "tokens", "checkpoint", "adapter", "samples", "export")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+    """Hex sha256 of a regular file, read in 1 MiB chunks (UsageError for a special file)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -69,43 +72,111 @@ class Manifest:
     def digest(self) -> str:
         return self.data["digest"]
 
+    def listed(self, pattern: str) -> list[Path]:
+        """The manifest's files whose names match the glob `pattern`, in name order: readers
+        take their files from here, never from the directory (an unlisted file is not read)."""
+        return [self.path / n for n in sorted(self.files) if fnmatch.fnmatchcase(n, pattern)]
+
 
 def is_artifact(path: Path) -> bool:
-    """True when `path` is a directory holding a manifest (not yet verified)."""
-    return (Path(path) / MANIFEST).is_file()
+    """True when `path` is a directory holding a manifest entry (not yet verified: a manifest
+    that is a dangling link or a FIFO still makes it an artifact, which `open_artifact` refuses,
+    instead of a folder of loose inputs)."""
+    return Path(path).is_dir() and os.path.lexists(Path(path) / MANIFEST)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def member(root: Path, name: object, where: str) -> Path:
+    """The path of a manifest `files` entry inside the artifact `root`; UsageError unless the
+    name is relative, free of `..`, and resolves (symlinks included) inside `root`."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        raise UsageError(f"{where}: files entry {name!r} is not a plain relative file name")
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or ".." in parts or "." in name.split("/"):
+        raise UsageError(f"{where}: files entry {display(name)!r} points outside the artifact")
+    path = root / name
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top or real == top:
+        raise UsageError(
+            f"{display(path)}: resolves outside the artifact (to {display(real)}); not read"
+        )
+    return path
+
+
+def _check_manifest(mpath: Path, data: object, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """The manifest's own fields, by type, before any of them is used."""
+    where = display(mpath)
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: manifest is not a JSON object")
+    schema = data.get("schema")
+    if type(schema) is not int or schema != SCHEMA:
+        raise UsageError(f"{where}: unknown manifest schema {schema!r} (expected {SCHEMA})")
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise UsageError(f"{where}: unknown artifact kind {kind!r}")
+    if kind not in kinds:
+        raise UsageError(
+            f"{display(mpath.parent)}: is a {kind!r} artifact, expected {' or '.join(kinds)}"
+        )
+    if not isinstance(data.get("digest"), str):
+        raise UsageError(f"{where}: manifest has no digest")
+    for key in ("config", "stats", "inputs"):
+        if not isinstance(data.get(key, {}), dict):
+            raise UsageError(f"{where}: manifest field {key!r} is not an object")
+    files = data.get("files")
+    if not isinstance(files, dict):
+        raise UsageError(f"{where}: manifest field 'files' is not an object")
+    for name, meta in files.items():
+        ok = (
+            isinstance(meta, dict)
+            and type(meta.get("bytes")) is int
+            and meta["bytes"] >= 0
+            and isinstance(meta.get("sha256"), str)
+            and _SHA256.fullmatch(meta["sha256"])
+        )
+        if not ok:
+            raise UsageError(f"{where}: files entry {display(name)!r} needs bytes and sha256")
+    return data
 
 
 def open_artifact(path: Path | str, kind: str | tuple[str, ...], verify: bool = True) -> Manifest:
     """Open a published artifact of the given kind(s), checking its files against the manifest.
 
-    Raises UsageError (one line, naming the path) for a missing or incomplete directory, a wrong
-    kind, an unknown schema, or a file whose size or sha256 differs from the manifest.
+    Raises UsageError (one line, naming the path) for a missing or incomplete directory; a
+    manifest that is not a regular file, not UTF-8 JSON, not an object, of an unknown schema
+    or kind; a `files` entry that is absolute, holds `..` or resolves outside the artifact; a
+    listed file that is missing, special (FIFO, device, socket) or of another size; and, with
+    `verify`, a sha256 that differs. Nothing but the manifest is read before these checks pass.
     """
     path = Path(path)
     kinds = (kind,) if isinstance(kind, str) else kind
     want = " or ".join(kinds)
     if not path.exists():
-        raise UsageError(f"{path}: no such artifact (expected a {want} directory)")
+        raise UsageError(f"{display(path)}: no such artifact (expected a {want} directory)")
     mpath = path / MANIFEST
-    if not path.is_dir() or not mpath.is_file():
-        raise UsageError(f"{path}: not a complete artifact (no {MANIFEST}); rebuild it")
-    try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{mpath}: unreadable manifest: {e}") from e
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise UsageError(f"{mpath}: unknown manifest schema {data.get('schema')!r}")
-    if data.get("kind") not in kinds:
-        raise UsageError(f"{path}: is a {data.get('kind')!r} artifact, expected {want}")
+    if not is_artifact(path):
+        raise UsageError(f"{display(path)}: not a complete artifact (no {MANIFEST}); rebuild it")
+    data = _check_manifest(mpath, read_json(mpath, "manifest", MAX_JSON_BYTES), kinds)
+    checked = []
+    for name, meta in data["files"].items():
+        fpath = member(path, name, display(mpath))
+        if not os.path.lexists(fpath):
+            raise UsageError(f"{display(fpath)}: listed in the manifest but missing")
+        size = check_regular(fpath, "artifact file").st_size
+        if size != meta["bytes"]:
+            raise UsageError(
+                f"{display(fpath)}: size differs from the manifest ({size:,} bytes, manifest "
+                f"says {meta['bytes']:,}): truncated or edited"
+            )
+        checked.append((fpath, meta["sha256"]))
     if verify:
-        for name, meta in data.get("files", {}).items():
-            fpath = path / name
-            if not fpath.is_file():
-                raise UsageError(f"{fpath}: listed in the manifest but missing")
-            if fpath.stat().st_size != meta["bytes"]:
-                raise UsageError(f"{fpath}: size differs from the manifest (truncated or edited)")
-            if sha256_file(fpath) != meta["sha256"]:
-                raise UsageError(f"{fpath}: sha256 differs from the manifest (corrupted or edited)")
+        for fpath, sha in checked:
+            if sha256_file(fpath) != sha:
+                raise UsageError(
+                    f"{display(fpath)}: sha256 differs from the manifest (corrupted or edited)"
+                )
     return Manifest(path=path, data=data)
 
 
@@ -185,12 +256,13 @@ class Builder:
 
 
 def input_ref(path: Path) -> dict[str, Any]:
-    """How a manifest names one input: an artifact by kind and digest, a file by size."""
+    """How a manifest names one input: an artifact by kind and digest, a file by size.
+    An input artifact's manifest is checked as `open_artifact` does (not its files' hashes)."""
     path = Path(path)
     if is_artifact(path):
-        m = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        return {"path": str(path), "kind": m.get("kind"), "digest": m.get("digest")}
-    ref: dict[str, Any] = {"path": str(path), "kind": "file"}
+        m = open_artifact(path, KINDS, verify=False)
+        return {"path": display(path), "kind": m.kind, "digest": m.digest}
+    ref: dict[str, Any] = {"path": display(path), "kind": "file"}
     if path.is_file():
         ref["bytes"] = path.stat().st_size
     return ref
@@ -227,18 +299,13 @@ def building(
         if not isinstance(inputs, list)
         else {f"input-{i}": p for i, p in enumerate(inputs)}
     )
+    # Input refs first: a bad input artifact is refused before anything is created.
+    refs = {name: input_ref(Path(p)) for name, p in named.items()}
     tmp = partial_dir(out)
     if tmp.exists() and not resume:
         shutil.rmtree(tmp)
     tmp.mkdir(exist_ok=True)
-    b = Builder(
-        out=out,
-        dir=tmp,
-        kind=kind,
-        command=command,
-        config=config,
-        inputs={name: input_ref(Path(p)) for name, p in named.items()},
-    )
+    b = Builder(out=out, dir=tmp, kind=kind, command=command, config=config, inputs=refs)
     try:
         yield b
         b.publish(force=force)  # inside the try: a failed publish leaves nothing behind either

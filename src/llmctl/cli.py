@@ -23,6 +23,7 @@ from rich.table import Table
 from llmctl import __version__
 from llmctl.config import describe, load_config
 from llmctl.errors import UsageError
+from llmctl.files import printable
 from llmctl.runtime import console, set_quiet
 
 app = typer.Typer(
@@ -57,14 +58,22 @@ StrictOpt = Annotated[
 TextFieldOpt = Annotated[
     str | None, typer.Option("--text-field", help="JSON/parquet field holding the text.")
 ]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="Where the per-block work runs: local (process pool) or ray (a Ray cluster; "
+        "--set engine.address=...). Same artifact either way.",
+    ),
+]
 InputsArg = Annotated[list[Path] | None, typer.Argument(help="Input files, folders or artifacts.")]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def command(fn: F) -> F:
+def command(fn: F, name: str | None = None) -> F:
     """Register a subcommand that maps UsageError to exit 2 and OSError to exit 1, each with
-    one clear line."""
+    one clear line (`name`: the subcommand's name when it is not the function's)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -73,7 +82,8 @@ def command(fn: F) -> F:
             return fn(*args, **kwargs)
         except UsageError as e:
             # escape: a path such as data/[abc]/x.jsonl is text, not rich markup
-            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+            # printable: one line, whatever bytes a hostile file name or value holds
+            console.print(f"[bold red]error:[/] {escape(printable(str(e)))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except BrokenPipeError:
             # `llmctl generate ... | head`: the reader left; stop quietly, as Unix tools do.
@@ -83,14 +93,15 @@ def command(fn: F) -> F:
         except OSError as e:
             # Disk full, permission denied, I/O error: the environment, not a bug, so one line
             # naming the path and no traceback (a failed build has removed its partial output).
-            msg = f"{e.filename}: {e.strerror or e}" if e.filename else (e.strerror or str(e))
-            console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
+            name = os.fsdecode(e.filename) if e.filename else ""
+            msg = f"{name}: {e.strerror or e}" if name else (e.strerror or str(e))
+            console.print(f"[bold red]error:[/] {escape(printable(msg))}", soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
 
-    app.command()(wrapper)
+    app.command(name=name)(wrapper)
     return wrapper  # type: ignore[return-value]
 
 
@@ -158,6 +169,7 @@ def clean(
     out: OutOpt = None,
     text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
+    engine: EngineOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -179,6 +191,7 @@ def clean(
         text_field=text_field,
         workers=workers,
         strict=strict or None,
+        **{"engine.kind": engine},
     )
     verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
 
@@ -197,6 +210,7 @@ def dedup(
     ] = None,
     text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
+    engine: EngineOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -215,7 +229,10 @@ def dedup(
         text_field=text_field,
         workers=workers,
         strict=strict or None,
-        **{"decontam.paths": [str(p) for p in decontaminate] if decontaminate else None},
+        **{
+            "engine.kind": engine,
+            "decontam.paths": [str(p) for p in decontaminate] if decontaminate else None,
+        },
     )
     verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
 
@@ -244,6 +261,7 @@ def tokenize(
     ] = None,
     text_field: TextFieldOpt = None,
     workers: WorkersOpt = None,
+    engine: EngineOpt = None,
     strict: StrictOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -267,6 +285,7 @@ def tokenize(
         text_field=text_field,
         workers=workers,
         strict=strict or None,
+        **{"engine.kind": engine},
     )
     verb.run(need(inputs, "INPUTS..."), need_out(out), cfg, force=force)
 
@@ -309,6 +328,7 @@ def pretrain(
     seq_len: SeqLenOpt = None,
     lr: LrOpt = None,
     seed: SeedOpt = None,
+    init: _opt("--init", "Continue pretraining this checkpoint (same tokenizer).", Path) = None,
     device: DeviceOpt = None,
     compile: CompileOpt = False,
     config: ConfigOpt = None,
@@ -325,9 +345,113 @@ def pretrain(
 
     cfg = resolve(
         verb.PretrainConfig, config, sets, show_config, preset=preset, objective=objective,
+        init=str(init) if init else None,
         **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
     )  # fmt: skip
     verb.run(need(tokens, "TOKENS"), need_out(out), cfg, force=force)
+
+
+@command
+def finetune(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact to tune (from `llmctl pretrain`).")
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Chat data: JSON/JSONL(.gz) files or folders (messages, "
+            "prompt+response, prompt+completion or Alpaca records)."
+        ),
+    ] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
+    epochs: _opt(
+        "--epochs", "Passes over the training examples (instead of --steps).", float
+    ) = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    compile: CompileOpt = False,
+    strict: StrictOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Instruction-tune a checkpoint (loss on assistant turns); rerun the same command to resume.
+
+    Under `torchrun --nproc-per-node N` it trains data-parallel (DDP, or FSDP2).
+    """
+    from llmctl.commands import finetune as verb
+
+    cfg = resolve(
+        verb.FinetuneConfig, config, sets, show_config, epochs=epochs, strict=strict or None,
+        **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
+    )  # fmt: skip
+    if steps is not None and epochs is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), need_out(out), cfg,
+             force=force)  # fmt: skip
+
+
+@command
+def lora(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact to adapt (stays frozen).")
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Argument(help="A tokens artifact, or instruction files (JSON/JSONL, .gz)."),
+    ] = None,
+    out: OutOpt = None,
+    merge: Annotated[
+        Path | None,
+        typer.Option(
+            "--merge", help="Merge this adapter into CHECKPOINT; --out gets a checkpoint."
+        ),
+    ] = None,
+    rank: _opt("--rank", "LoRA rank r.") = None,
+    alpha: _opt("--alpha", "LoRA alpha (the update is scaled by alpha / rank).", float) = None,
+    dropout: _opt("--dropout", "Dropout on the LoRA input.", float) = None,
+    targets: _opt(
+        "--targets", "Layers to adapt, comma-separated: q_proj..lm_head, attn, mlp, all.", str
+    ) = None,
+    steps: StepsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    compile: CompileOpt = False,
+    strict: StrictOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train LoRA adapters on a frozen checkpoint (writes an adapter), or --merge one into it.
+
+    The adapter is in PEFT's layout under the base's transformers module names.
+    """
+    from llmctl.commands import lora as verb
+
+    if merge is not None:
+        if data:
+            raise UsageError(f"{data[0]}: --merge takes no DATA (only CHECKPOINT and --out)")
+        verb.merge(need(checkpoint, "CHECKPOINT"), merge, need_out(out), force=force)
+        return
+    cfg = resolve(
+        verb.LoraConfig, config, sets, show_config,
+        rank=rank, alpha=alpha, dropout=dropout, targets=targets.split(",") if targets else None,
+        strict=strict or None,
+        **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
+    )  # fmt: skip
+    verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), need_out(out), cfg,
+             force=force)  # fmt: skip
 
 
 @command
@@ -463,6 +587,48 @@ def generate(
         draft_k=draft_k, chat=chat or None, device=device, dtype=dtype, strict=strict or None,
     )  # fmt: skip
     verb.run(need(checkpoint, "CHECKPOINT"), cfg, out, force=force)
+
+
+@functools.partial(command, name="import")
+def import_(
+    format: Annotated[
+        str | None, typer.Argument(help="hf (transformers folder) or llama2c (MODEL.bin TOK.bin).")
+    ] = None,
+    paths: Annotated[list[Path] | None, typer.Argument(help="What to import.")] = None,
+    out: OutOpt = None,
+    license: _opt("--license", "The model's license (SPDX id), kept for exports.", str) = None,
+    dtype: _opt("--dtype", "auto (the source's), float32, bfloat16 or float16.", str) = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Import a model made elsewhere as a checkpoint: a transformers folder or llama2.c files."""
+    from llmctl.commands import import_ as verb
+
+    cfg = resolve(verb.ImportConfig, config, sets, show_config, license=license, dtype=dtype)
+    verb.run(need(format, "FORMAT"), need(paths, "PATH..."), need_out(out), cfg, force=force)
+
+
+@command
+def export(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact directory.")
+    ] = None,
+    format: _opt("--format", "hf (transformers folder) or gguf (llama.cpp).", str) = None,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a checkpoint for transformers (hf) or llama.cpp (gguf, --set gguf.type=q8_0)."""
+    from llmctl.commands import export as verb
+
+    cfg = resolve(verb.ExportConfig, config, sets, show_config, format=format)
+    verb.run(need(checkpoint, "CHECKPOINT"), need_out(out), cfg, force=force)
 
 
 if __name__ == "__main__":  # pragma: no cover

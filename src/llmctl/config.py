@@ -153,13 +153,15 @@ def load_config(
     """
     values: dict[str, Any] = {}
     if config_file is not None:
+        from llmctl.files import MAX_JSON_BYTES, display, read_bytes
+
         path = Path(config_file)
-        if not path.is_file():
-            raise UsageError(f"{path}: config file not found")
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        if not path.exists():
+            raise UsageError(f"{display(path)}: config file not found")
+        try:  # read_bytes: a regular file only (a FIFO given as --config must not block)
+            values = tomllib.loads(read_bytes(path, MAX_JSON_BYTES, "config file").decode())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{path}: not valid TOML: {e}") from e
+            raise UsageError(f"{display(path)}: not valid TOML: {e}") from e
     for key, value in (options or {}).items():
         if value is not None:
             _merge(values, key, value)

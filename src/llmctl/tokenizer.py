@@ -239,7 +239,10 @@ def tokenizer_file(path: Path | str) -> Path:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such tokenizer file or directory")
-    if path.is_file():
+    if not path.is_dir():
+        from llmctl.files import check_regular
+
+        check_regular(path, "tokenizer file")  # a FIFO or device is refused, never read
         return path
     file = path / "tokenizer.json"
     if is_artifact(path):
@@ -353,8 +356,8 @@ def load_specials(path: Path | str) -> Specials:
     )
 
 
-@lru_cache(maxsize=1)
-def _chat_template() -> Any:
+@lru_cache(maxsize=8)
+def _chat_template(source: str = CHAT_TEMPLATE) -> Any:
     # The same environment settings transformers uses for chat templates.
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -364,11 +367,35 @@ def _chat_template() -> Any:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(CHAT_TEMPLATE)
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise UsageError(f"chat template: not valid Jinja ({e})") from e
 
 
-def render_chat(messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """The chat as text in llmctl's template (encode it with special tokens recognized).
+def chat_template_of(path: Path | str) -> str | None:
+    """The `chat_template` of the `tokenizer_config.json` in `path` (a checkpoint or tokens
+    directory), or None when there is none. A malformed file is a UsageError naming it."""
+    file = Path(path) / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{file}: not valid JSON ({e})") from None
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if template is not None and not isinstance(template, str):
+        raise UsageError(f"{file}: chat_template must be a string (named templates unsupported)")
+    return template or None
+
+
+def render_chat(
+    messages: Sequence[dict[str, str]],
+    add_generation_prompt: bool = False,
+    template: str | None = None,
+) -> str:
+    """The chat as text in `template` (default: llmctl's `CHAT_TEMPLATE`); encode it with
+    special tokens recognized.
 
     >>> render_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     '<|bos|><|user|>Hi<|end|><|assistant|>'
@@ -381,7 +408,7 @@ def render_chat(messages: Sequence[dict[str, str]], add_generation_prompt: bool 
         if m.get("role") not in CHAT_ROLES:
             raise UsageError(f"chat message {i}: role must be one of {', '.join(CHAT_ROLES)}")
     try:
-        return _chat_template().render(
+        return _chat_template(template or CHAT_TEMPLATE).render(
             messages=[{**m, "content": clean_text(m["content"])} for m in messages],
             add_generation_prompt=add_generation_prompt,
             bos_token=BOS,
@@ -389,3 +416,5 @@ def render_chat(messages: Sequence[dict[str, str]], add_generation_prompt: bool 
         )
     except TemplateError as e:
         raise UsageError(f"chat template: {e}") from e
+    except Exception as e:  # a foreign template can fail in any jinja way (undefined names)
+        raise UsageError(f"chat template: {type(e).__name__}: {e}") from e

@@ -38,6 +38,38 @@ step tokenize clean "$root/tests/data/tinyshakespeare/input.txt" --out tokens --
 step pretrain tokens --out model --preset tiny --steps 5 --batch-size 2 --seq-len 32 --device cpu
 step eval model tokens
 step generate model --prompt "ROMEO:" --max-new-tokens 8
+step export model --format hf --out model-hf
+step export model --format gguf --set gguf.type=q8_0 --out model-gguf
+step import hf model-hf --out model-back
+step generate model-back --prompt "ROMEO:" --max-new-tokens 8
+# A llama2.c model (legacy header) and tokenizer, random weights, written with numpy alone.
+"$work/venv/bin/python" - <<'PY'
+import struct
+import numpy as np
+pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + [f"<0x{b:02X}>" for b in range(256)] + [" ", "a", " a"]
+dim, hidden, layers, heads, vocab, seq = 16, 32, 1, 2, len(pieces), 16
+n = vocab * dim + layers * (2 * dim + 4 * dim * dim + 3 * hidden * dim) + dim + seq * dim // heads
+w = np.random.default_rng(0).normal(0, 0.3, n).astype("<f4")
+open("tiny.bin", "wb").write(struct.pack("<7i", dim, hidden, layers, heads, heads, vocab, seq) + w.tobytes())
+tok = struct.pack("<i", 8) + b"".join(struct.pack("<fi", -i, len(p.encode())) + p.encode() for i, p in enumerate(pieces))
+open("tok.bin", "wb").write(tok)
+PY
+step import llama2c tiny.bin tok.bin --out tiny --license MIT
+step generate tiny --prompt "" --max-new-tokens 8
+# Without the [ray] extra, --engine ray is one line naming it (exit 2), and nothing is written.
+set +e
+msg=$("$llmctl" dedup clean --out dedup-ray --engine ray 2>&1)
+code=$?
+set -e
+test "$code" -eq 2 && test "$msg" = "error: --engine ray needs Ray: pip install 'llmctl[ray]'"
+test ! -e dedup-ray
+step finetune model "$root/recipes/data/sft/identity.jsonl" --out sft --steps 2 --batch-size 2 --device cpu
+step generate sft --chat --prompt "Who are you?" --max-new-tokens 8
+# lora: on tokens, on instruction records, merged, and applied by generate
+step lora model tokens --out adapter --steps 3 --batch-size 2 --seq-len 32 --device cpu
+step lora model "$root/recipes/data/sft/identity.jsonl" --out adapter-chat --steps 2 --batch-size 2 --device cpu
+step lora model --merge adapter --out merged
+step generate model --adapter adapter --prompt "ROMEO:" --max-new-tokens 8
 step quantize model --out model-int4 --method int4 --set eval_tokens=1024 --set decode_tokens=4
 step quantize model --out model-static --method static --calib tokens --set decode_tokens=4
 step generate model-int4 --prompt "ROMEO:" --max-new-tokens 8

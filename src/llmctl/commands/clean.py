@@ -31,6 +31,7 @@ from llmctl.data.docs import (
     parse_raw,
     resolve_inputs,
 )
+from llmctl.data.engine import EngineConfig, open_engine
 from llmctl.data.filters import (
     STEPS,
     C4Config,
@@ -43,8 +44,7 @@ from llmctl.data.filters import (
     PIIConfig,
     build_chain,
 )
-from llmctl.data.pool import ordered_map
-from llmctl.runtime import default_workers, human_bytes, progress, summary
+from llmctl.runtime import human_bytes, progress, summary
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class CleanConfig(ReadOptions):
     """Settings of `llmctl clean`; each step can be tuned or switched off (`STEP.enabled`)."""
 
     workers: int = helpful(0, "worker processes, 0 = all cores (output is the same for any)")
-    batch_docs: int = helpful(128, "records per batch handed to a worker")
+    batch_docs: int = helpful(128, "records per batch handed to a worker (or Ray task)")
+    engine: EngineConfig = nested(EngineConfig, "where the batches run: local pool or Ray")
     normalize: NormalizeConfig = nested(NormalizeConfig, "1. Unicode and whitespace repair")
     language: LanguageConfig = nested(LanguageConfig, "2. fastText language id")
     gopher_repetition: GopherRepetitionConfig = nested(GopherRepetitionConfig, "3. repetition")
@@ -99,14 +100,16 @@ def _clean_batch(batch: list[Raw | BadRecord]) -> tuple[list[tuple[Any, ...]], d
 def run(inputs: list[Path], out: Path, cfg: CleanConfig, force: bool = False) -> Manifest:
     """Clean `inputs` into the docs artifact `out`; returns its manifest."""
     files = resolve_inputs(inputs)
-    workers = cfg.workers or default_workers()
-    t0 = time.perf_counter()
     kept_docs = dropped_docs = bytes_in = bytes_out = 0
     drops: dict[tuple[str, str], list[int]] = {}
     counts: Counter[str] = Counter()
-    with building(
-        out, kind="docs", command="clean", config=to_dict(cfg), inputs=list(inputs), force=force
-    ) as art:
+    with (
+        open_engine(cfg.engine, cfg.workers) as engine,
+        building(
+            out, kind="docs", command="clean", config=to_dict(cfg), inputs=list(inputs), force=force
+        ) as art,
+    ):
+        t0 = time.perf_counter()  # after the engine is up: Ray's start-up is not the stage's
         rejected = art.dir / "rejected"
         with (
             ShardWriter(art.dir) as kept,
@@ -115,7 +118,7 @@ def run(inputs: list[Path], out: Path, cfg: CleanConfig, force: bool = False) ->
             progress("clean", unit="docs") as bar,
         ):
             batches = batched(iter_raw(files, cfg), cfg.batch_docs)
-            for results, step_counts in ordered_map(_clean_batch, batches, workers, _init, (cfg,)):
+            for results, step_counts in engine.map(_clean_batch, batches, _init, (cfg,)):
                 counts.update(step_counts)
                 for kind, *rest in results:
                     if kind == "bad":
@@ -139,9 +142,9 @@ def run(inputs: list[Path], out: Path, cfg: CleanConfig, force: bool = False) ->
             _stats(files, kept_docs, dropped_docs, bytes_in, bytes_out, drops, errors.counts)
         )
         art.stats["steps"] = dict(sorted(counts.items()))
-        art.stats.update(workers=workers, seconds=round(seconds, 3))
+        art.stats.update(workers=engine.workers, seconds=round(seconds, 3))
         art.stats["mb_per_s"] = round(bytes_in / 1e6 / max(seconds, 1e-9), 3)
-    _print_summary(out, art.stats)
+    _print_summary(out, art.stats, engine.name)
     return open_artifact(out, "docs", verify=False)
 
 
@@ -176,7 +179,7 @@ def _pct(n: int, total: int) -> str:
     return f"{n:,} ({100 * n / max(total, 1):.1f}%)"
 
 
-def _print_summary(out: Path, s: dict[str, Any]) -> None:
+def _print_summary(out: Path, s: dict[str, Any], engine: str = "local") -> None:
     steps, n = s["steps"], s["docs_in"]
     rows: list[tuple[str, Any]] = [
         ("inputs", f"{s['input_files']} files, {human_bytes(s['input_bytes'])}"),
@@ -197,7 +200,7 @@ def _print_summary(out: Path, s: dict[str, Any]) -> None:
             "text in -> out",
             f"{human_bytes(s['text_bytes_in'])} -> {human_bytes(s['text_bytes_out'])}",
         ),
-        ("time", f"{s['seconds']:.1f} s, {s['workers']} workers"),
+        ("time", f"{s['seconds']:.1f} s, {s['workers']} workers ({engine})"),
         ("throughput", f"{s['mb_per_s']:.2f} MB/s ({s['mb_per_s'] / s['workers']:.2f} per worker)"),
     ]
     summary(f"clean -> {out}", rows)

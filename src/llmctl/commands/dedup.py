@@ -39,11 +39,16 @@ from llmctl.data.docs import (
     parse_raw,
     resolve_inputs,
 )
+from llmctl.data.engine import EngineConfig, RayEngine, open_engine
 from llmctl.data.pool import ordered_map
 from llmctl.errors import UsageError
-from llmctl.runtime import default_workers, info, progress, summary, warn
+from llmctl.runtime import info, progress, summary, warn
 
 BATCH_DOCS = 256
+# Ray only: documents per band-key task, and shuffle partitions per cluster CPU (the output
+# does not depend on either; they trade task overhead against balance).
+BAND_BLOCK_DOCS = 65_536
+PARTITIONS_PER_CPU = 2
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class DedupConfig(ReadOptions):
     near: NearConfig = nested(NearConfig, "near duplicates (MinHash LSH over word shingles)")
     decontam: DecontamConfig = nested(DecontamConfig, "overlap with evaluation documents")
     workers: int = helpful(0, "signature worker processes, one core each (0 = all cores)")
+    engine: EngineConfig = nested(EngineConfig, "where the per-block work runs: local pool or Ray")
 
 
 _W: dict[str, Any] = {}
@@ -112,14 +118,69 @@ def _sign(items: list[Raw | BadRecord]) -> tuple[list[BadRecord], list[str], np.
     return bad, [d.id for d in docs], sizes, _W["signer"].sign([d.text for d in docs])
 
 
+def _band_entries(
+    sig: np.ndarray, nodes: np.ndarray, bands: int, rows: int, parts: int
+) -> list[np.ndarray] | np.ndarray:
+    out = dd.band_entries(sig, nodes, bands, rows, parts)
+    return out if parts > 1 else out[0]  # a task with num_returns=1 returns one value
+
+
+def _bucket_pairs(
+    sig: np.ndarray, threshold: float, verify: bool, *entries: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    return dd.verify_packed(sig, dd.bucket_pairs(np.concatenate(entries)), threshold, verify)
+
+
+def _ray_pairs(engine: RayEngine) -> dd.NearPairs:
+    """`dd.near_pairs` as a Ray task graph, same result (see `dd.band_entries`).
+
+    Map: band keys of blocks of documents, each split into P partitions by key. Shuffle: Ray
+    moves partition p of every block to reduce task p. Reduce: pairs per bucket and their
+    verification against the signatures (one copy per node in the object store). The driver
+    only gathers the verified and rejected pairs, 8 bytes each, and runs union-find on them.
+    """
+
+    def find(
+        sig: np.ndarray, nodes: np.ndarray, bands: int, rows: int, threshold: float, verify: bool
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        parts = max(1, PARTITIONS_PER_CPU * engine.workers)
+        sig_ref = engine.put(sig)
+        mapper = engine.remote(_band_entries, num_returns=parts)
+        blocks = [
+            mapper.remote(sig_ref, nodes[s : s + BAND_BLOCK_DOCS], bands, rows, parts)
+            for s in range(0, len(nodes), BAND_BLOCK_DOCS)
+        ]
+        if not blocks:
+            return np.empty(0, np.int64), np.empty(0, np.int64), 0
+        blocks = [b if parts > 1 else [b] for b in blocks]
+        reducer = engine.remote(_bucket_pairs)
+        results = engine.get(
+            [
+                reducer.remote(sig_ref, threshold, verify, *(b[p] for b in blocks))
+                for p in range(parts)
+            ]
+        )
+        ok = np.unique(np.concatenate([np.zeros(0, np.uint64), *(r[0] for r in results)]))
+        bad = np.unique(np.concatenate([np.zeros(0, np.uint64), *(r[1] for r in results)]))
+        i, j = dd.unpack_pairs(ok)
+        return i, j, len(ok) + len(bad)
+
+    return find
+
+
 def _eval_index(cfg: DedupConfig) -> tuple[dd.EvalIndex | None, dict[str, int]]:
     """The n-gram index of the --decontaminate docs (malformed eval records are skipped)."""
     if not cfg.decontam.paths:
         return None, {}
     opts = ReadOptions(
-        text_field=cfg.decontam.text_field or cfg.text_field, txt_split=cfg.txt_split
+        text_field=cfg.decontam.text_field or cfg.text_field,
+        txt_split=cfg.txt_split,
+        max_line_bytes=cfg.max_line_bytes,
     )
     docs = list(iter_docs(cfg.decontam.paths, opts))
+    first_bad = next((d for d in docs if isinstance(d, BadRecord)), None)
+    if cfg.strict and first_bad is not None:
+        raise UsageError(f"{first_bad.where}: {first_bad.reason} (--decontaminate input)")
     index = dd.EvalIndex([(d.id, d.text) for d in docs if isinstance(d, Doc)], cfg.decontam.ngram)
     bad = len(docs) - len(index.ids)
     if bad:
@@ -144,20 +205,22 @@ def run(inputs: list[Path], out: Path, cfg: DedupConfig, force: bool = False) ->
     except ValueError as e:
         raise UsageError(str(e)) from e
     files = resolve_inputs(inputs)
-    workers = cfg.workers or default_workers()
     index, decontam = _eval_index(cfg)
     names = {f"input-{i}": Path(p) for i, p in enumerate(inputs)}
     names |= {f"eval-{i}": Path(p) for i, p in enumerate(cfg.decontam.paths)}
-    t0 = time.perf_counter()
-    with building(
-        out, kind="docs", command="dedup", config=to_dict(cfg), inputs=names, force=force
-    ) as art:
+    with (
+        open_engine(cfg.engine, cfg.workers) as engine,
+        building(
+            out, kind="docs", command="dedup", config=to_dict(cfg), inputs=names, force=force
+        ) as art,
+    ):
+        t0 = time.perf_counter()  # after the engine is up: Ray's start-up is not the stage's
         # Pass 1: compact per-doc arrays, computed in workers, gathered in input order.
         collected = dd.Collected(near.num_perm)
         errlog = ErrorLog(art.dir / "rejected" / "errors.jsonl", cfg.strict)
         with errlog as errors, progress("dedup: signatures", unit="docs") as bar:
             tasks = batched(iter_raw(files, cfg), BATCH_DOCS)
-            for bad, ids, sizes, signed in ordered_map(_sign, tasks, workers, _init, (cfg, index)):
+            for bad, ids, sizes, signed in engine.map(_sign, tasks, _init, (cfg, index)):
                 for b in bad:
                     errors.add(b)
                 collected.add(ids, sizes, signed)
@@ -167,6 +230,7 @@ def run(inputs: list[Path], out: Path, cfg: DedupConfig, force: bool = False) ->
         plan = dd.plan_dedup(
             signed, size[:, 0], use_exact=cfg.exact.enabled, use_near=near.enabled, bands=bands,
             rows=rows, threshold=threshold, verify=near.verify, keep=near.keep,
+            pairs=_ray_pairs(engine) if isinstance(engine, RayEngine) else None,
         )  # fmt: skip
         t_plan = time.perf_counter() - t0 - t_sign
         # Pass 2: stream the docs again and write each where the plan says.
@@ -177,7 +241,8 @@ def run(inputs: list[Path], out: Path, cfg: DedupConfig, force: bool = False) ->
             # Re-parsing JSON is cheaper here than shipping texts back from workers; only
             # HTML extraction is worth the worker pool a second time.
             html = any(f.name.lower().endswith((*WARC_SUFFIXES, ".html", ".htm")) for f in files)
-            for docs in ordered_map(_parse, tasks, workers if html else 1, _init, (cfg, None)):
+            parse = engine.map if html else _in_process
+            for docs in parse(_parse, tasks, _init, (cfg, None)):
                 for doc in docs:
                     if isinstance(doc, Doc):
                         rec = doc.to_record() | plan.fields(k, collected.doc_id, eval_ids)
@@ -202,7 +267,8 @@ def run(inputs: list[Path], out: Path, cfg: DedupConfig, force: bool = False) ->
             decontam=decontam,
             bad_records=dict(sorted(errors.counts.items())),
             throughput={
-                "workers": workers, "seconds": round(elapsed, 3), "signature_s": round(t_sign, 3),
+                "workers": engine.workers, "seconds": round(elapsed, 3),
+                "signature_s": round(t_sign, 3),
                 "cluster_s": round(t_plan, 3), "docs_per_s": round(n / max(elapsed, 1e-9), 1),
                 "mb_per_s": round(float(size[:, 1].sum()) / 1e6 / max(elapsed, 1e-9), 3),
             },
@@ -210,6 +276,10 @@ def run(inputs: list[Path], out: Path, cfg: DedupConfig, force: bool = False) ->
     _report(art.stats, near.warn_cluster)
     info(f"wrote {out}")
     return art.stats
+
+
+def _in_process(fn: Any, items: Any, init: Any, initargs: tuple[Any, ...]) -> Any:
+    return ordered_map(fn, items, 1, init, initargs)
 
 
 def _report(s: dict[str, Any], warn_share: float) -> None:

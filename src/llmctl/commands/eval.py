@@ -106,7 +106,7 @@ def _token_stream(
     data: list[Path], checkpoint: Path, tok: Any, eos_id: int, cfg: EvalConfig
 ) -> tuple:
     """(ids, description) of what DATA names; documents are each followed by `eos_id`."""
-    from llmctl.data.tokens import read_shard, split_shards
+    from llmctl.data.tokens import check_ids, read_header, read_shard, split_shards
     from llmctl.tokenizer import encode
 
     one = data[0] if len(data) == 1 and is_artifact(data[0]) else None
@@ -115,12 +115,17 @@ def _token_stream(
         ours = open_artifact(checkpoint, "checkpoint", verify=False).files["tokenizer.json"]
         if m.files["tokenizer.json"]["sha256"] != ours["sha256"]:
             raise UsageError(f"{data[0]}: made with a different tokenizer than {checkpoint}")
-        parts = [np.asarray(read_shard(p)) for p in split_shards(m.path, "val")]
+        parts = []
+        for p in split_shards(m.path, "val"):
+            parts.append(np.asarray(read_shard(p)))
+            check_ids(p, parts[-1], read_header(p).vocab_size)
         ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         return ids.astype(np.int64), f"{data[0]} (val split)"
     docs, bad = [], 0
     for doc in iter_docs(data, cfg):
         if isinstance(doc, BadRecord):
+            if cfg.strict:
+                raise UsageError(f"{doc.where}: {doc.reason}")
             bad += 1
             continue
         docs.extend([*encode(tok, doc.text), eos_id])
@@ -153,6 +158,8 @@ def run(checkpoint: Path, data: list[Path], cfg: EvalConfig, as_json: bool = Fal
         ids = ids[: cfg.max_tokens]
     if len(ids) < 2:
         raise UsageError(f"{source}: fewer than 2 tokens to score")
+    if int(ids.max()) >= model.config.vocab_size:  # a shard with ids its header does not allow
+        raise UsageError(f"{source}: token id {int(ids.max())} is beyond the model's vocabulary")
     special = np.array(sorted(specials.all), dtype=np.int64)
     nats, n, text_nats, n_text = score(model, ids, special, seq_len, cfg.batch_size, cfg.dtype)
     n_bytes = text_bytes(tok, ids[1:], special)

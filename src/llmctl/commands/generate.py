@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import secrets
 import sys
@@ -34,6 +35,7 @@ import torch
 from llmctl.artifacts import building, is_artifact, open_artifact
 from llmctl.config import helpful, to_dict
 from llmctl.errors import UsageError
+from llmctl.files import display
 from llmctl.model.sample import GenerationParams, Stops
 from llmctl.runtime import info, summary, warn
 
@@ -44,7 +46,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class GenerateConfig(GenerationParams):
     """Settings of `llmctl generate`: transformers' `generate` parameters plus these."""
 
-    prompt: str = helpful("", "Prompt text (or use `prompts`).")
+    prompt: str | None = helpful(
+        None, 'Prompt text (or use `prompts`); "" starts from the tokenizer\'s own specials (BOS).'
+    )
     prompts: str = helpful("", "JSONL file: one {'prompt': ...} or {'messages': [...]} a line.")
     adapter: str = helpful("", "LoRA adapter (PEFT layout) to merge into the checkpoint first.")
     draft: str = helpful("", "Draft checkpoint for speculative decoding (same tokenizer).")
@@ -64,7 +68,7 @@ class GenerateConfig(GenerationParams):
             raise ValueError("batch_size must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-        if self.prompt and self.prompts:
+        if self.prompt is not None and self.prompts:
             raise ValueError("give prompt or prompts, not both")
 
     def params(self, seed: int | None) -> GenerationParams:
@@ -75,13 +79,15 @@ class GenerateConfig(GenerationParams):
 
 def read_prompts(path: Path) -> list[tuple[str, str | list[dict[str, str]]]]:
     """(`file:line`, prompt text or chat messages) per non-blank line of a JSONL file."""
-    if not path.is_file():
-        raise UsageError(f"{path}: prompts file not found")
+    from llmctl.data.docs import open_input
+
+    if not path.exists():
+        raise UsageError(f"{display(path)}: prompts file not found")
     out: list[tuple[str, Any]] = []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with io.TextIOWrapper(open_input(path), encoding="utf-8", errors="strict") as f:
         try:
             for n, line in enumerate(f, start=1):
-                where = f"{path}:{n}"
+                where = f"{display(path)}:{n}"
                 if not line.strip():
                     continue
                 try:
@@ -99,9 +105,9 @@ def read_prompts(path: Path) -> list[tuple[str, str | list[dict[str, str]]]]:
                         f'{where}: expected {{"prompt": str}} or {{"messages": [...]}}'
                     )
         except UnicodeDecodeError:
-            raise UsageError(f"{path}: not valid UTF-8") from None
+            raise UsageError(f"{display(path)}: not valid UTF-8") from None
     if not out:
-        raise UsageError(f"{path}: no prompts (the file is empty)")
+        raise UsageError(f"{display(path)}: no prompts (the file is empty)")
     return out
 
 
@@ -178,16 +184,25 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     a `samples` artifact. Returns the sample records."""
 
     from llmctl.model import sample
-    from llmctl.tokenizer import decode, encode, encode_prompt, load_specials, render_chat
+    from llmctl.tokenizer import (
+        chat_template_of,
+        decode,
+        encode,
+        encode_prompt,
+        load_specials,
+        render_chat,
+    )
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    repl = not cfg.prompt and not cfg.prompts and cfg.chat and interactive
-    if not cfg.prompt and not cfg.prompts and not repl:
+    given = cfg.prompt is not None or bool(cfg.prompts)
+    repl = not given and cfg.chat and interactive
+    if not given and not repl:
         raise UsageError("give --prompt TEXT or --prompts FILE.jsonl (or --chat on a terminal)")
     items = read_prompts(Path(cfg.prompts)) if cfg.prompts else [("--prompt", cfg.prompt)]
     model, tok, ckpt, draft = _load(cfg, checkpoint)
     specials = load_specials(checkpoint)
     pad_id = specials.pad_or_eos
+    template = chat_template_of(checkpoint)  # the one finetune trained with; None: llmctl's
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     mlm = not model.config.causal
     if mlm:
@@ -213,7 +228,7 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     def tokens_of(where: str, value: str | list[dict[str, str]]) -> list[int]:
         if isinstance(value, list) or cfg.chat:
             msgs = value if isinstance(value, list) else [{"role": "user", "content": value}]
-            ids = encode(tok, render_chat(msgs, add_generation_prompt=True))
+            ids = encode(tok, render_chat(msgs, add_generation_prompt=True, template=template))
         else:
             ids = encode_prompt(tok, value)
         if len(ids) > limit:

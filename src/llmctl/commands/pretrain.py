@@ -39,6 +39,11 @@ class PretrainConfig(TrainSettings):
     objective: Literal["causal", "mlm"] = helpful(
         "causal", "causal: next-token LM; mlm: BERT masked LM (makes the model bidirectional)"
     )
+    init: str = helpful(
+        "",
+        "checkpoint to continue pretraining (its architecture replaces preset/model; the "
+        "tokens must be made with its tokenizer: `tokenize --tokenizer CHECKPOINT`)",
+    )
 
 
 def build_model_config(cfg: PretrainConfig, vocab_size: int) -> Any:
@@ -75,7 +80,8 @@ def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -
     tok = load_tokenizer(tokens_dir)
     specials = load_specials(tokens_dir)
     vocab = tok.get_vocab_size(with_added_tokens=True)
-    mcfg = build_model_config(cfg, vocab)
+    init = _init_checkpoint(cfg, tokens) if cfg.init else None
+    mcfg = init[0].config if init else build_model_config(cfg, vocab)
     seq_len = cfg.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise UsageError(f"config key 'seq_len': {seq_len} > the model's max_seq_len")
@@ -103,7 +109,7 @@ def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -
         val = None
 
     seed_everything(cfg.seed)
-    model = GPT(mcfg).to(world.device)
+    model = init[0].to(world.device) if init else GPT(mcfg).to(world.device)
     batches = StepBatches(
         train_stream.sample, accum=cfg.grad_accum, rank=world.rank, world=world.size
     )
@@ -111,7 +117,8 @@ def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -
     step_tokens = cfg.batch_size * cfg.grad_accum * world.size * seq_len
     if world.main:
         n = model.num_params(non_embedding=False)
-        info(f"pretrain: {cfg.preset} ({n / 1e6:.2f}M params), {cfg.objective}, "
+        what = f"--init {cfg.init}" if init else cfg.preset
+        info(f"pretrain: {what} ({n / 1e6:.2f}M params), {cfg.objective}, "
              f"{world.size} × {world.device}, {cfg.steps:,} steps × {step_tokens:,} "
              "tokens")  # fmt: skip
     tokenizer_files = {n: tokens.path / n for n in ("tokenizer.json", "tokenizer_config.json")}
@@ -122,10 +129,14 @@ def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -
         batches=batches,
         objective=objective,
         cfg=cfg,
-        fingerprint={"config": settings, "tokens": tokens.digest},
+        fingerprint={
+            "config": settings,
+            "tokens": tokens.digest,
+            **({"init": init[1]} if init else {}),
+        },
         command="pretrain",
         config=to_dict(cfg),
-        inputs={"tokens": tokens.path},
+        inputs={"tokens": tokens.path, **({"init": Path(cfg.init)} if init else {})},
         save=lambda dir, final: save_checkpoint(dir, final, tokenizer_files),
         stats=lambda result: {
             "params": model.num_params(non_embedding=False),
@@ -141,6 +152,30 @@ def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -
     if world.main:
         _summary(out, stats)
     return stats
+
+
+def _init_checkpoint(cfg: PretrainConfig, tokens: Any) -> tuple[Any, str]:
+    """(the fp32 model of `cfg.init`, its digest); refuses a checkpoint whose tokenizer is not
+    the tokens artifact's, and preset/model settings that would be silently ignored."""
+    from llmctl.model.io import load_model
+
+    ckpt = open_artifact(cfg.init, "checkpoint")
+    if cfg.model:
+        raise UsageError("config key 'model': the architecture comes from --init, not model.*")
+    theirs = ckpt.files.get("tokenizer.json", {}).get("sha256")
+    ours = tokens.files.get("tokenizer.json", {}).get("sha256")
+    if theirs is None or theirs != ours:
+        raise UsageError(
+            f"{tokens.path}: made with a different tokenizer than --init {ckpt.path}; "
+            f"re-tokenize with `llmctl tokenize ... --tokenizer {ckpt.path}`"
+        )
+    try:
+        model = load_model(ckpt.path, "cpu", torch.float32)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if cfg.objective == "causal" and not model.config.causal:
+        raise UsageError(f"{ckpt.path}: a masked-LM model; --objective causal needs a causal one")
+    return model.train(), ckpt.digest
 
 
 def _summary(out: Path, s: dict[str, Any]) -> None:

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.artifacts import Manifest, building, open_artifact, sha256_file
-from llmctl.config import helpful, to_dict
+from llmctl.config import helpful, nested, to_dict
 from llmctl.data.corpus import SplitRule, encode_corpus, training_sample
 from llmctl.data.docs import ErrorLog, ReadOptions, resolve_inputs
+from llmctl.data.engine import EngineConfig, open_engine
 from llmctl.errors import UsageError
-from llmctl.runtime import default_workers, human_bytes, info, summary, warn
+from llmctl.runtime import human_bytes, info, summary, warn
 from llmctl.tokenizer import (
     load_specials,
     load_tokenizer,
@@ -56,6 +57,9 @@ class TokenizeConfig(ReadOptions):
     model_max_length: int = helpful(2048, "model_max_length written to tokenizer_config.json")
     seed: int = helpful(0, "salt of the text hashes that pick val documents and training text")
     workers: int = helpful(0, "encoding worker processes, one core each (0 = all cores)")
+    engine: EngineConfig = nested(
+        EngineConfig, "where encoding runs: local pool or Ray (training stays on the driver)"
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -93,13 +97,14 @@ def _train(files: list[Path], cfg: TokenizeConfig, rule: SplitRule, errors: Erro
 def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, force: bool = False) -> Manifest:
     """Train (or load) the tokenizer, encode `inputs` and publish the `tokens` artifact at `out`."""
     files = resolve_inputs(inputs)
-    workers = cfg.workers or default_workers()
     rule = SplitRule(cfg.val_fraction, cfg.seed)
     refs: dict[str, Path] = {f"input-{i}": Path(p) for i, p in enumerate(inputs)}
     if cfg.tokenizer:
         refs["tokenizer"] = tokenizer_file(cfg.tokenizer)
+        load_specials(refs["tokenizer"])  # its files parse: errors name them, not our copies
     meta = {"kind": "tokens", "command": "tokenize", "config": to_dict(cfg), "inputs": refs}
     with (
+        open_engine(cfg.engine, cfg.workers) as engine,
         building(out, force=force, **meta) as art,
         ErrorLog(art.dir / "rejected" / "errors.jsonl", cfg.strict) as errors,
     ):
@@ -127,7 +132,7 @@ def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, force: bool = False)
             tok,
             art.dir,
             shard_tokens=cfg.shard_tokens,
-            workers=workers,
+            engine=engine,
             errors=errors,
             eos_id=specials.eos,
             tokenizer_digest=digest,
@@ -136,7 +141,7 @@ def run(inputs: list[Path], out: Path, cfg: TokenizeConfig, force: bool = False)
         encode_s = time.monotonic() - t1
         stats.update(
             tokenizer=tstats,
-            workers=workers,
+            workers=engine.workers,
             encode_s=round(encode_s, 2),
             encode_mb_s=round(stats["text_bytes"] / 1e6 / max(encode_s, 1e-9), 2),
         )

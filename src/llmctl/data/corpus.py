@@ -14,7 +14,8 @@ Example:
     rule = SplitRule(val_fraction=0.01, seed=0)
     sample, n = training_sample(files, opts, rule, train_bytes=200_000_000, doc_chars=10_000)
     tok = train_tokenizer(sample.texts(), 8192)
-    stats = encode_corpus(files, opts, rule, tok, out_dir, shard_tokens=10**8, workers=2)
+    stats = encode_corpus(files, opts, rule, tok, out_dir, shard_tokens=10**8,
+                          eos_id=1, engine=LocalEngine(workers=2), errors=errors)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import xxhash
 from tokenizers import Tokenizer
 
 from llmctl.data.docs import BadRecord, ErrorLog, Raw, ReadOptions, iter_raw, parse_raw
-from llmctl.data.pool import ordered_map
+from llmctl.data.engine import LocalEngine, RayEngine
 from llmctl.data.tokens import ShardWriter, token_dtype
 from llmctl.errors import UsageError
 from llmctl.runtime import progress
@@ -260,13 +261,16 @@ def encode_corpus(
     *,
     eos_id: int,
     shard_tokens: int,
-    workers: int,
+    engine: LocalEngine | RayEngine,
     errors: ErrorLog,
     tokenizer_digest: bytes = b"",
     expected_docs: int | None = None,
 ) -> dict[str, Any]:
     """Pass 2: encode every document, each followed by `eos_id`, into
-    `out_dir/{train,val}-NNNNN.bin`; returns the stats."""
+    `out_dir/{train,val}-NNNNN.bin`; returns the stats.
+
+    The blocks are encoded on `engine` (local pool or Ray) and written here, in input order.
+    """
     vocab = tok.get_vocab_size()
     writers = {
         s: ShardWriter(
@@ -290,7 +294,7 @@ def encode_corpus(
 
     batches = _batches(iter_raw(files, opts))
     with _env("TOKENIZERS_PARALLELISM", "false"), progress("encode", expected_docs, "docs") as bar:
-        for e in ordered_map(_encode, batches, workers, _init, (tok.to_str(), opts, rule, eos_id)):
+        for e in engine.map(_encode, batches, _init, (tok.to_str(), opts, rule, eos_id)):
             for bad in e.bad:
                 errors.add(bad)
             empty += e.empty

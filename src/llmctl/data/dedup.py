@@ -404,6 +404,62 @@ def lsh_edges(
     return (packed >> np.uint64(32)).astype(np.int64), (packed & MAX32).astype(np.int64)
 
 
+# The same candidate pairs as `lsh_edges`, found as a map / shuffle / reduce that a cluster can
+# spread out: `band_entries` (map, per block of documents) emits (band, key, node) triples split
+# into partitions by key; `bucket_pairs` (reduce, per partition) pairs the members of each
+# bucket by the rule `lsh_edges` uses (each with the bucket's first member and with its
+# predecessor, in index order). A bucket lies whole in one partition, so the union of the
+# partitions' pairs is exactly `lsh_edges`' set, for any number of blocks and partitions.
+BAND_ENTRY = np.dtype([("band", "<u4"), ("key", "<u8"), ("node", "<i8")])
+
+
+def band_entries(
+    sig: np.ndarray, nodes: np.ndarray, bands: int, rows: int, parts: int
+) -> list[np.ndarray]:
+    """(band, key, node) for each band of the documents `nodes`, in `parts` lists by key."""
+    out = np.empty(len(nodes) * bands, BAND_ENTRY)
+    for band in range(bands):
+        s = slice(band * len(nodes), (band + 1) * len(nodes))
+        out["band"][s] = band
+        out["key"][s] = _band_key(sig[nodes, band * rows : (band + 1) * rows], band)
+        out["node"][s] = nodes
+    part = (out["key"] % np.uint64(parts)).astype(np.int64)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    return [out[order[bounds[p] : bounds[p + 1]]] for p in range(parts)]
+
+
+def bucket_pairs(entries: np.ndarray) -> np.ndarray:
+    """Candidate pairs of one partition's entries, packed as (i << 32) | j with i < j, unique."""
+    e = entries[np.lexsort((entries["node"], entries["key"], entries["band"]))]
+    band, key, node = e["band"], e["key"], e["node"]
+    same = np.r_[False, (band[1:] == band[:-1]) & (key[1:] == key[:-1])]
+    if not same.any():
+        return np.empty(0, np.uint64)
+    pos = np.arange(len(e))
+    head = np.maximum.accumulate(np.where(same, 0, pos))
+    idx = np.flatnonzero(same)
+    right = node[idx].astype(np.uint64)
+    lefts = (node[head[idx]], node[idx - 1])
+    pairs = [(left.astype(np.uint64) << np.uint64(32)) | right for left in lefts]
+    return np.unique(np.concatenate(pairs))
+
+
+def verify_packed(
+    sig: np.ndarray, packed: np.ndarray, threshold: float, verify: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split packed candidate pairs into (verified, rejected) by signature Jaccard ≥ threshold."""
+    if not verify or not len(packed):
+        return packed, packed[:0]
+    i, j = unpack_pairs(packed)
+    ok = jaccard_estimate(sig, i, j) >= threshold
+    return packed[ok], packed[~ok]
+
+
+def unpack_pairs(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (packed >> np.uint64(32)).astype(np.int64), (packed & MAX32).astype(np.int64)
+
+
 def jaccard_estimate(
     sig: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 1 << 15
 ) -> np.ndarray:
@@ -436,6 +492,26 @@ def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
                 break
             parent = grand
     return parent
+
+
+# (sig, nodes, bands, rows, threshold, verify) -> (i, j, candidate count): the verified pairs
+# as global indices, sorted by (i, j), and how many distinct candidate pairs LSH proposed.
+NearPairs = Callable[
+    [np.ndarray, np.ndarray, int, int, float, bool], tuple[np.ndarray, np.ndarray, int]
+]
+
+
+def near_pairs(
+    sig: np.ndarray, nodes: np.ndarray, bands: int, rows: int, threshold: float, verify: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """LSH candidates among `nodes` and their verification, in this process (see NearPairs)."""
+    i, j = lsh_edges(sig, bands, rows, nodes)
+    i, j = nodes[i], nodes[j]
+    candidates = len(i)
+    if verify and len(i):
+        ok = jaccard_estimate(sig, i, j) >= threshold
+        i, j = i[ok], j[ok]
+    return i, j, candidates
 
 
 @dataclass
@@ -478,13 +554,15 @@ def plan_dedup(
     threshold: float = 0.72,
     verify: bool = True,
     keep: Literal["first", "longest"] = "first",
+    pairs: NearPairs | None = None,
 ) -> Plan:
     """Decide which documents stay, from pass-1 arrays and each doc's length (for `longest`).
 
     Order: contaminated docs leave first (they take part in nothing else); exact duplicates
     of an earlier doc leave next; the remaining docs with shingles are clustered by MinHash
     LSH (+ verification) and one per cluster stays: the first in input order, or the longest
-    (ties: the first).
+    (ties: the first). `pairs` finds the verified near pairs (default: `near_pairs`, here;
+    an engine may pass its distributed equivalent, which must return the same pairs).
     """
     sig, shingles = signed.sig, signed.shingles
     n = len(signed.exact)
@@ -506,13 +584,10 @@ def plan_dedup(
     root = np.arange(n)
     if use_near:
         nodes = np.flatnonzero(alive & (shingles > 0))
-        i, j = lsh_edges(sig, bands, rows, nodes)
-        i, j = nodes[i], nodes[j]
-        stats["candidate_pairs"] = len(i)
-        if verify and len(i):
-            ok = jaccard_estimate(sig, i, j) >= threshold
-            stats["rejected_pairs"] = int((~ok).sum())
-            i, j = i[ok], j[ok]
+        find = pairs or near_pairs
+        i, j, candidates = find(sig, nodes, bands, rows, threshold, verify)
+        stats["candidate_pairs"] = candidates
+        stats["rejected_pairs"] = candidates - len(i)
         stats["verified_pairs"] = len(i)
         root = components(n, i, j)
         keeper = root.copy()

@@ -1,5 +1,7 @@
 """Documents in and out: every input format a data stage reads, and the `docs` shard format.
 
+Every input file is opened by `open_input` (regular files only, through `files.open_regular`;
+decompressed by suffix); file names are recorded as `files.display` shows them.
 Reading is split in two so it parallelizes deterministically: `iter_raw` (main process)
 streams raw records with their file:line, `parse_raw` (any worker) turns one into a `Doc` or
 a `BadRecord`. Inputs: `.txt` (one doc per file, or per paragraph), `.jsonl` / `.jsonl.gz` /
@@ -29,6 +31,7 @@ from typing import Any, Literal
 from llmctl.artifacts import is_artifact, open_artifact
 from llmctl.config import helpful
 from llmctl.errors import UsageError
+from llmctl.files import check_regular, display, open_regular
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
 WARC_SUFFIXES = (".warc", ".warc.gz")
@@ -104,51 +107,115 @@ def _has_suffix(path: Path, suffixes: Iterable[str]) -> bool:
 
 def _walk_inputs(root: Path) -> list[Path]:
     """Supported files under `root`, sorted, hidden entries skipped. os.walk, unlike
-    Path.rglob (which silently skips folders it cannot list), lets us fail on them."""
+    Path.rglob (which silently skips folders it cannot list), lets us fail on them. A FIFO,
+    device or socket with a supported name is refused (check_regular), not skipped."""
 
     def unreadable(e: OSError) -> None:
-        raise UsageError(f"{e.filename or root}: folder is not readable ({e.strerror})")
+        raise UsageError(f"{display(e.filename or root)}: folder is not readable ({e.strerror})")
 
     found = []
     for folder, dirs, names in os.walk(root, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found += [Path(folder, n) for n in names if not n.startswith(".")]
-    return sorted(f for f in found if f.is_file() and _has_suffix(f, SUFFIXES))
+    files = sorted(f for f in found if _has_suffix(f, SUFFIXES) and not f.is_dir())
+    for f in files:
+        check_regular(f, "input file")
+    return files
 
 
 def resolve_inputs(paths: Iterable[Path | str]) -> list[Path]:
     """Expand folders (sorted, hidden entries skipped) and check every input exists.
 
     A `docs` artifact directory stays one input. Raises UsageError for a missing path, an
-    unsupported file given explicitly, an unreadable folder, or an empty input set.
+    unsupported file given explicitly, a special file (FIFO, device, socket), an unreadable
+    file or folder, or an empty input set.
     """
     out: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
-            raise UsageError(f"{p}: no such file or directory")
+            raise UsageError(f"{display(p)}: no such file or directory")
         if p.is_dir():
             if is_artifact(p):
                 out.append(p)
                 continue
             out.extend(_walk_inputs(p))
         elif _has_suffix(p, SUFFIXES):
+            check_regular(p, "input file")
             out.append(p)
         else:
-            raise UsageError(f"{p}: unsupported input type (expected one of {', '.join(SUFFIXES)})")
+            raise UsageError(
+                f"{display(p)}: unsupported input type (expected one of {', '.join(SUFFIXES)})"
+            )
     if not out:
         raise UsageError("no input documents: the given paths hold no supported files")
     return out
 
 
-def _open_binary(path: Path) -> io.BufferedIOBase:
+def open_input(path: Path) -> io.BufferedIOBase:
+    """The one way an input file is opened: a regular file only (a FIFO, device or socket is
+    refused before it is read, so nothing blocks), decompressed by its suffix (.gz, .zst)."""
+    f = open_regular(path, "input file")
     name = path.name.lower()
     if name.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
+        return _gunzip(f)
     if name.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(f))
+    return f  # type: ignore[return-value]
+
+
+def _gunzip(f: io.BufferedIOBase) -> gzip.GzipFile:
+    g = gzip.GzipFile(fileobj=f, mode="rb")
+    g.myfileobj = f  # type: ignore[attr-defined]  # so that closing g closes f, as gzip.open does
+    return g
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst stream, frame after frame. A stream cut inside a frame raises EOFError at the cut
+    (zstandard's stream_reader would just end there, and the cut would go unnoticed); damaged
+    data raises OSError. Both end the file as a `truncated_file` record, as gzip does."""
+
+    def __init__(self, f: io.BufferedIOBase) -> None:
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
+        self._f, self._zstd = f, zstandard
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False
+        self._buf, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> bool:
+        chunk = self._f.read(1 << 16)
+        if not chunk:
+            if self._in_frame:
+                raise EOFError("zstd stream ended inside a frame (cut short)")
+            return False
+        out = []
+        try:
+            while chunk:
+                if self._d.eof:  # the next frame of a multi-frame file
+                    self._d = self._zstd.ZstdDecompressor().decompressobj()
+                out.append(self._d.decompress(chunk))
+                chunk = self._d.unused_data if self._d.eof else b""
+        except self._zstd.ZstdError as e:
+            raise OSError(f"damaged zstd stream ({e})") from None
+        self._in_frame = not self._d.eof
+        self._buf, self._pos = b"".join(out), 0
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._pos >= len(self._buf):
+            if not self._fill():
+                return 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 _TRUNCATED = (EOFError, gzip.BadGzipFile, zlib.error, OSError)
@@ -156,10 +223,10 @@ _TRUNCATED = (EOFError, gzip.BadGzipFile, zlib.error, OSError)
 
 def _iter_lines(path: Path, opts: ReadOptions) -> Iterator[Raw | BadRecord]:
     """JSONL lines as raw bytes; over-long lines and truncated compression become BadRecords."""
-    name = str(path)
+    name = display(path)
     n = 0
     try:
-        with _open_binary(path) as f:
+        with open_input(path) as f:
             while True:
                 line = f.readline(opts.max_line_bytes + 1)
                 if not line:
@@ -181,56 +248,74 @@ def _iter_lines(path: Path, opts: ReadOptions) -> Iterator[Raw | BadRecord]:
         yield BadRecord(name, 0, "empty_file")
 
 
+def _read_all(path: Path) -> bytes:
+    with open_input(path) as f:
+        return f.read()
+
+
 def _iter_txt(path: Path, opts: ReadOptions) -> Iterator[Raw | BadRecord]:
-    data = path.read_bytes()
+    data, name = _read_all(path), display(path)
     if not data.strip():
-        yield BadRecord(str(path), 0, "empty_file")
+        yield BadRecord(name, 0, "empty_file")
         return
     if opts.txt_split == "file":
-        yield Raw(str(path), 1, "text", data)
+        yield Raw(name, 1, "text", data)
         return
     # Paragraphs: split on blank lines, numbered by the line each starts on.
     line = 1
     for block in re.split(rb"(\n(?:[ \t\r]*\n)+)", data):  # one or more blank lines
         if block.strip():
-            yield Raw(str(path), line + (len(block) - len(block.lstrip(b"\n"))), "text", block)
+            yield Raw(name, line + (len(block) - len(block.lstrip(b"\n"))), "text", block)
         line += block.count(b"\n")
 
 
 def _iter_parquet(path: Path, opts: ReadOptions) -> Iterator[Raw | BadRecord]:
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        yield BadRecord(str(path), 0, "unreadable_parquet", str(e)[:EXCERPT_CHARS])
-        return
-    n = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            n += 1
-            yield Raw(str(path), n, "record", row)
+    name = display(path)
+    with open_input(path) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            yield BadRecord(name, 0, "unreadable_parquet", str(e)[:EXCERPT_CHARS])
+            return
+        n = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                yield Raw(name, n, "record", row)
     if n == 0:
-        yield BadRecord(str(path), 0, "empty_file")
+        yield BadRecord(name, 0, "empty_file")
 
 
 def _iter_warc(path: Path) -> Iterator[Raw | BadRecord]:
     from llmctl.data.web import iter_warc
 
-    n = 0
-    try:
-        for n, url, html in iter_warc(path):
-            yield Raw(str(path), n, "html", html, url=url)
-    except Exception as e:  # warcio raises generic errors on damaged archives
-        yield BadRecord(str(path), n + 1, "truncated_file", f"{type(e).__name__}: {e}"[:200])
+    n, name = 0, display(path)
+    with open_regular(path, "input file") as f:  # raw: warcio reads per-record gzip itself
+        try:
+            for n, url, html in iter_warc(f):
+                yield Raw(name, n, "html", html, url=url)
+        except Exception as e:  # warcio raises generic errors on damaged archives
+            yield BadRecord(name, n + 1, "truncated_file", f"{type(e).__name__}: {e}"[:200])
+
+
+def _docs_shards(path: Path) -> Iterator[tuple[str, io.BufferedIOBase]]:
+    """(name, open stream) of each shard a docs artifact lists. Its files passed the manifest
+    check, so a shard that does not decompress is a damaged artifact: UsageError, not a record."""
+    m = open_artifact(path, "docs")
+    for shard in m.listed(SHARD_GLOB):
+        yield display(shard), _gunzip(open_regular(shard))
 
 
 def _iter_artifact(path: Path) -> Iterator[Raw | BadRecord]:
-    m = open_artifact(path, "docs")
-    for shard in sorted(m.path.glob(SHARD_GLOB)):
-        with gzip.open(shard, "rb") as f:
-            for n, line in enumerate(f, start=1):
-                yield Raw(str(shard), n, "json", line)
+    for name, stream in _docs_shards(path):
+        with stream as f:
+            try:
+                for n, line in enumerate(f, start=1):
+                    yield Raw(name, n, "json", line)
+            except _TRUNCATED as e:
+                raise UsageError(f"{name}: damaged docs shard ({type(e).__name__}: {e})") from None
 
 
 def iter_raw(files: list[Path], opts: ReadOptions) -> Iterator[Raw | BadRecord]:
@@ -245,11 +330,11 @@ def iter_raw(files: list[Path], opts: ReadOptions) -> Iterator[Raw | BadRecord]:
         elif _has_suffix(path, (".parquet",)):
             yield from _iter_parquet(path, opts)
         elif _has_suffix(path, (".html", ".htm")):
-            data = path.read_bytes()
+            data = _read_all(path)
             yield (
-                Raw(str(path), 1, "html", data)
+                Raw(display(path), 1, "html", data)
                 if data.strip()
-                else BadRecord(str(path), 0, "empty_file")
+                else BadRecord(display(path), 0, "empty_file")
             )
         else:
             yield from _iter_txt(path, opts)
@@ -267,6 +352,23 @@ def _to_json(record: dict[str, Any]) -> str:
     """A record as one JSON line's text; values JSON has no type for (parquet timestamps,
     decimals, bytes) become their str()."""
     return json.dumps(record, ensure_ascii=False, default=str)
+
+
+def load_json_line(raw: Raw) -> Any:
+    """The JSON value of one `json` Raw record, or a BadRecord saying why it has none."""
+    try:
+        return json.loads(raw.payload.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return BadRecord(raw.file, raw.line, "invalid_utf8", str(e)[:EXCERPT_CHARS])
+    except json.JSONDecodeError as e:
+        excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
+        return BadRecord(raw.file, raw.line, "bad_json", f"{e.msg}: {excerpt}")
+    except (RecursionError, ValueError) as e:
+        # Valid syntax the decoder still refuses: nesting deeper than its recursion limit
+        # ("[[[[..." in one short line), an integer of more than 4,300 digits.
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
+        return BadRecord(raw.file, raw.line, "bad_json", f"{what}: {excerpt}")
 
 
 # Fields that are ours and must not be copied from an input record into `meta`.
@@ -290,19 +392,9 @@ def parse_raw(raw: Raw, opts: ReadOptions) -> Doc | BadRecord:
             return BadRecord(raw.file, raw.line, "no_main_text", raw.url or "")
         return Doc(raw.url or where_id, text, raw.file, {"url": raw.url} if raw.url else {})
     if raw.kind == "json":
-        try:
-            rec = json.loads(raw.payload.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            return BadRecord(raw.file, raw.line, "invalid_utf8", str(e)[:EXCERPT_CHARS])
-        except json.JSONDecodeError as e:
-            excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
-            return BadRecord(raw.file, raw.line, "bad_json", f"{e.msg}: {excerpt}")
-        except (RecursionError, ValueError) as e:
-            # Valid syntax the decoder still refuses: nesting deeper than its recursion limit
-            # ("[[[[..." in one short line), an integer of more than 4,300 digits.
-            what = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
-            excerpt = raw.payload[:EXCERPT_CHARS].decode("utf-8", "replace")
-            return BadRecord(raw.file, raw.line, "bad_json", f"{what}: {excerpt}")
+        rec = load_json_line(raw)
+        if isinstance(rec, BadRecord):
+            return rec
     else:
         rec = raw.payload
     if not isinstance(rec, dict):
@@ -422,11 +514,16 @@ def iter_docs(paths: Iterable[Path | str], opts: ReadOptions) -> Iterator[Doc | 
 
 def read_docs_artifact(path: Path) -> Iterator[dict[str, Any]]:
     """The records of a `docs` artifact, in shard order (for later stages and tests)."""
-    m = open_artifact(path, "docs")
-    for shard in sorted(m.path.glob(SHARD_GLOB)):
-        with gzip.open(shard, "rt", encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)
+    for name, stream in _docs_shards(path):
+        with stream as f:
+            try:
+                for n, line in enumerate(f, start=1):
+                    try:
+                        yield json.loads(line)
+                    except ValueError as e:  # a verified shard holds only what clean wrote
+                        raise UsageError(f"{name}:{n}: damaged docs shard ({e})") from None
+            except _TRUNCATED as e:
+                raise UsageError(f"{name}: damaged docs shard ({type(e).__name__}: {e})") from None
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

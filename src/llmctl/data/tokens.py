@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,27 +89,38 @@ class ShardHeader:
 
 def read_header(path: Path | str) -> ShardHeader:
     """Parse and check a shard's header and length; raise UsageError naming the file."""
+    from llmctl.files import display, open_regular
+
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read token shard ({e.strerror})") from e
+    with open_regular(path, "token shard") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(HEADER_BYTES)
+    where = display(path)
     if len(raw) < HEADER_BYTES or not raw.startswith(MAGIC):
-        raise UsageError(f"{path}: not an llmctl token shard (bad magic)")
+        raise UsageError(f"{where}: not an llmctl token shard (bad magic)")
     _, version, itemsize, count, vocab, eos, docs, digest = HEADER.unpack(raw)
     if version != VERSION:
-        raise UsageError(f"{path}: token shard format version {version}, expected {VERSION}")
+        raise UsageError(f"{where}: token shard format version {version}, expected {VERSION}")
     if itemsize not in (2, 4):
-        raise UsageError(f"{path}: unknown token size {itemsize} bytes")
+        raise UsageError(f"{where}: unknown token size {itemsize} bytes")
     if itemsize != token_dtype(vocab).itemsize or eos >= vocab:
-        raise UsageError(f"{path}: inconsistent header (vocab {vocab}, {itemsize}-byte tokens)")
+        raise UsageError(f"{where}: inconsistent header (vocab {vocab}, {itemsize}-byte tokens)")
     want = HEADER_BYTES + count * itemsize
     if size != want:
         what = "truncated" if size < want else "has trailing bytes"
-        raise UsageError(f"{path}: {what}: {size} bytes, header says {want} ({count:,} tokens)")
+        raise UsageError(f"{where}: {what}: {size} bytes, header says {want} ({count:,} tokens)")
     return ShardHeader(itemsize, count, vocab, eos, docs, digest, version)
+
+
+def check_ids(path: Path | str, tokens: np.ndarray, vocab_size: int) -> None:
+    """UsageError naming the shard when a token id is not below the header's vocabulary size
+    (an embedding lookup would fail far from the cause). Reads the tokens in 64 MiB pieces."""
+    step = 1 << 25
+    top = max((int(tokens[i : i + step].max()) for i in range(0, len(tokens), step)), default=-1)
+    if top >= vocab_size:
+        from llmctl.files import display
+
+        raise UsageError(f"{display(path)}: token id {top} is not below vocab size {vocab_size}")
 
 
 def read_shard(path: Path | str) -> np.ndarray:
@@ -207,10 +219,13 @@ class ShardWriter:
 
 
 def split_shards(artifact: Path | str, split: str) -> list[Path]:
-    """The shard files of `split` in a tokens artifact directory, in order."""
+    """The shard files of `split` that a tokens artifact's manifest lists, in order (a file
+    the manifest does not list is never read)."""
+    from llmctl.artifacts import open_artifact
+
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    return sorted(Path(artifact).glob(f"{split}-*.bin"))
+    return open_artifact(artifact, "tokens", verify=False).listed(f"{split}-*.bin")
 
 
 class TokenStream:
@@ -243,7 +258,9 @@ class TokenStream:
         self.manifest = open_artifact(artifact, "tokens", verify=verify)
         self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
-        paths = split_shards(self.manifest.path, split)
+        if split not in SPLITS:
+            raise UsageError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+        paths = self.manifest.listed(f"{split}-*.bin")
         if not paths:
             raise UsageError(f"{self.manifest.path}: no {split}-*.bin shards")
         headers = [read_header(p) for p in paths]
@@ -256,7 +273,10 @@ class TokenStream:
             ):
                 raise UsageError(f"{p}: made by a different tokenizer than {paths[0].name}")
         self.vocab_size, self.eos_id = first.vocab_size, first.eos_id
-        self._shards = [read_shard(p) for p, h in zip(paths, headers, strict=True) if h.count]
+        used = [p for p, h in zip(paths, headers, strict=True) if h.count]
+        self._shards = [read_shard(p) for p in used]
+        for p, shard in zip(used, self._shards, strict=True):
+            check_ids(p, shard, self.vocab_size)
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])
         self.tokens = int(self._starts[-1])
         span = seq_len + 1

@@ -60,12 +60,15 @@ class LanguageModel(Protocol):
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         cache: Any = None,
         return_hidden: bool = False,
         hidden_layers: tuple[int, ...] | list[int] = (),
         logits_to_keep: int = 0,
     ) -> Any:
-        """Logits [B, T, V] (or scores [B, T, 1]); see GPT.forward for the extras."""
+        """Logits [B, T, V] (or scores [B, T, 1]); see GPT.forward for the extras.
+        `segment_ids` (packed rows: attention only within a document) is optional: a model
+        whose forward lacks it is trained on padded rows (finetune refuses packing=true)."""
 
     def make_cache(self, batch_size: int, max_len: int) -> Cache: ...
 

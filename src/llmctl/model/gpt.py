@@ -564,6 +564,7 @@ class GPT(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
         hidden_layers: tuple[int, ...] | list[int] = (),
@@ -591,9 +592,15 @@ class GPT(nn.Module):
         With a `StaticKVCache`, they go to the slots `cache_slots` [T] names instead, and
         `position_ids` [B, T] and `attention_mask` [B, T] (the new tokens' real/padding flags)
         are given by the caller; the cache's length is the caller's to keep.
+
+        `segment_ids` [B, T] (no cache) packs several documents in a row: a token attends
+        only to earlier tokens with the same id (a block-diagonal causal mask); give
+        `position_ids` restarting at each document with it. Absent, nothing changes.
         """
         cfg = self.config
         B, T = idx.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be used with a KV cache")
         if isinstance(cache, StaticKVCache):
             return self._forward_static(
                 idx, position_ids, attention_mask, cache, cache_slots, logits_to_keep
@@ -619,6 +626,11 @@ class GPT(nn.Module):
                     f"got {list(attention_mask.shape)}"
                 )
             attention_mask = attention_mask.bool()
+        if segment_ids is not None and segment_ids.shape != (B, T):
+            raise ValueError(
+                f"segment_ids must be [B, T] = [{B}, {T}], got {list(segment_ids.shape)}"
+            )
+        contiguous = position_ids is None and attention_mask is None  # positions past..kv_len
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -630,7 +642,11 @@ class GPT(nn.Module):
             )
 
         x = self.tok_emb(idx)
-        if cfg.pos == "learned":
+        if cfg.pos == "learned" and contiguous:
+            # the same rows for every sequence: a broadcast slice, whose backward is a sum over
+            # the batch, instead of a B*T-row gather and scatter-add (as nanoGPT does)
+            x = x + self.pos_emb.weight[past:kv_len]
+        elif cfg.pos == "learned":
             x = x + self.pos_emb(position_ids)
         elif cfg.pos == "sinusoidal":
             x = x + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
@@ -644,7 +660,7 @@ class GPT(nn.Module):
             cache.positions[:, past:kv_len] = position_ids
             key_positions = cache.positions[:, :kv_len]
         mask, is_causal = self._attention_mask(
-            position_ids, key_positions, attention_mask, past, x.dtype
+            position_ids, key_positions, attention_mask, past, x.dtype, segment_ids
         )
 
         if return_hidden and hidden_layers:
@@ -716,6 +732,7 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None,
         past: int | torch.Tensor,
         dtype: torch.dtype,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, bool]:
         """SDPA's (attn_mask, is_causal). Without padding or a position bias this stays
         (None, causal) so the flash kernels run; otherwise a bool mask or an additive float
@@ -741,7 +758,8 @@ class GPT(nn.Module):
             bias = bias.to(dtype)
 
         static = isinstance(past, torch.Tensor)
-        if not static and bias is None and attention_mask is None and not (past and T > 1):
+        plain = bias is None and attention_mask is None and segment_ids is None
+        if not static and plain and not (past and T > 1):
             # plain training/prefill (causal via is_causal) or one-token decoding (sees all)
             return None, cfg.causal and past == 0
         first = past if static else torch.arange(past, S, device=device)
@@ -754,6 +772,9 @@ class GPT(nn.Module):
             # a padding query would see no key at all (softmax of all -inf = NaN): let every
             # query see itself; real queries already do, and nobody attends to a padding key
             allowed = allowed | (key_slots == query_slots)
+        if segment_ids is not None:
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
+            allowed = same if allowed is None else allowed & same
         if bias is None:
             return allowed, False
         if allowed is not None:

@@ -209,6 +209,29 @@ def build_model(config: Any, blocks: dict[str, Any] | None = None) -> nn.Module:
     return model
 
 
+# safetensors' own cap on the JSON header; a larger length field is refused before parsing.
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse (ValueError naming the file) a safetensors file whose 8-byte header length does
+    not fit in the file (truncated, or over-claiming), before safetensors parses anything."""
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not found") from None
+    if len(head) < 8:
+        raise ValueError(f"{path}: not a readable safetensors file ({size} bytes, no header)")
+    n = int.from_bytes(head, "little")
+    if n > size - 8 or n > MAX_SAFETENSORS_HEADER:
+        raise ValueError(
+            f"{path}: not a readable safetensors file (header length {n:,} but "
+            f"{size - 8:,} bytes follow it: truncated or not safetensors)"
+        )
+
+
 def load_model(
     dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Any:
@@ -228,6 +251,7 @@ def load_model(
         for k, v in _saved_state(model).items()
     }
     state: dict[str, torch.Tensor] = {}
+    check_safetensors(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             keys = set(f.keys())

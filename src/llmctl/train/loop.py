@@ -296,20 +296,25 @@ def train(
     val: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
     probes: Sequence[Probe] = (),
     flops_per_token: float = 0.0,
+    eval_first: bool = False,
 ) -> TrainResult:
     """Train `model` (already on its device) for `cfg.steps` optimizer steps, resuming from
     `writer.state_dir` when a state is there. `val()` returns fresh validation batches;
-    `probes` run beside it; `flops_per_token` (training FLOPs) turns throughput into MFU."""
+    `probes` run beside it; `flops_per_token` (training FLOPs) turns throughput into MFU.
+    `eval_first` also evaluates before the first step (logged as step 0: a finetuned base's
+    own loss), so even a short run shows where it started."""
     run = _Run(model, objective, cfg, writer)
     run.restore(batches)
     with run.running():
+        if eval_first and run.start == 0 and (val is not None or probes):
+            writer.rewind(-1)  # a run killed before its first save logged step 0 already
+            run.evaluate(0, val, probes)
         for step in range(run.start, cfg.steps):
-            run.step_start = time.perf_counter()
             lr = run.sched(step)
             set_lr(run.optimizer, lr)
-            loss, count, tokens, metrics = run.forward_backward(step, batches)
-            grad_norm = run.optimizer_step(step, loss, count)
-            run.record(step, loss, tokens, metrics, lr, grad_norm, flops_per_token)
+            total, count, tokens, metrics = run.forward_backward(step, batches)
+            run.optimizer_step(step, total, count)
+            run.record(step, tokens, metrics, lr, flops_per_token)
             done = step + 1
             if run.due(cfg.eval_every, done) and (val is not None or probes):
                 run.evaluate(done, val, probes)
@@ -363,8 +368,17 @@ class _Run:
         self.peak = peak_flops(self.device)
         self.window_tokens, self.window_start = 0, time.perf_counter()
         self.timed_steps, self.run_tokens, self.run_time = 0, 0, 0.0
-        self.step_start = 0.0
-        self.began = time.perf_counter()  # wall time of this process's run, for val records
+        self.unclocked_tokens = 0
+        self.began = self.mark = time.perf_counter()  # wall time of this process's run
+        # On CUDA the finite checks stay on the device until the next log/eval/save (settle);
+        # the fused AdamW kernel skips a step whose loss or gradient norm is not finite.
+        # FSDP's gradients are DTensors, which device-side scaling would mix with plain
+        # tensors: FSDP keeps the per-step check.
+        fsdp = self.world.size > 1 and cfg.distributed.strategy == "fsdp"
+        fused = bool(self.optimizer.defaults.get("fused"))
+        self.deferred = self.device.type == "cuda" and fused and not fsdp
+        self.pending: list[tuple[int, Any, Any]] = []  # (step, loss, grad norm) not yet read
+        self.grad_norm = math.nan
 
     def due(self, every: int, done: int) -> bool:
         """Whether a periodic action (eval, save) falls after step `done`; the last step has
@@ -403,6 +417,7 @@ class _Run:
         self.writer.rewind(self.start)
 
     def save(self, step: int, batches: Batches) -> None:
+        self.settle()  # a step whose loss was not finite stops the run before any save
         # A step whose loss and gradients were finite can still overflow the weights (a huge
         # lr): such weights must never replace the last good state.
         bad = sum(not bool(torch.isfinite(_local(p)).all()) for p in self.params)
@@ -430,7 +445,7 @@ class _Run:
         )
         distributed.barrier()
         self.saved_step = step
-        self.window_start = time.perf_counter()
+        self.window_start = self.mark = time.perf_counter()
 
     # --- one optimizer step -----------------------------------------------------------------
 
@@ -441,15 +456,18 @@ class _Run:
         with _Signals() as self.signals, _progress(self.world.main, total) as self.bar:
             yield
 
-    def forward_backward(self, step: int, batches: Batches) -> tuple[float, float, int, MetricSums]:
-        """Run this step's micro-batches; returns (mean loss over the step's items on all
-        ranks, that item count, positions processed here, this rank's metric sums)."""
+    def forward_backward(
+        self, step: int, batches: Batches
+    ) -> tuple[torch.Tensor, torch.Tensor, int, MetricSums]:
+        """Run this step's micro-batches; returns (the loss summed over the step's items on all
+        ranks, that item count — both 0-d device tensors, no host sync —, the positions
+        processed here, this rank's metric sums)."""
         A, W, rank = self.cfg.grad_accum, self.world.size, self.world.rank
         acc = torch.zeros(2, dtype=torch.float64, device=self.device)
         metrics = MetricSums(self.device)
         tokens = 0
         for a in range(A):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            batch = {k: self._to_device(v) for k, v in next(batches).items()}
             self.gen.manual_seed(micro_seed(self.cfg.seed, (step * W + rank) * A + a))
             with distributed.no_sync(self.net, last=a == A - 1):
                 with autocast(self.device, self.cfg.dtype):
@@ -460,61 +478,119 @@ class _Run:
             tokens += out.tokens
             metrics.add(out.metrics)
         distributed.all_reduce_sum(acc)
-        total, count = acc.tolist()  # the one host sync of a step: the loss must be checked
-        return (total / count if count else math.nan), count, tokens, metrics
+        return acc[0], acc[1], tokens, metrics
 
-    def optimizer_step(self, step: int, loss: float, count: float) -> float:
-        """Check the step's loss, scale, clip and check the gradients, step; the pre-clip norm."""
-        if not math.isfinite(loss):
-            _stop(step, f"loss is {loss}", self.saved_step, self.writer)
-        if self.world.main and self.recent and loss > SPIKE_FACTOR * max(self.recent) > 0:
-            warn(
-                f"step {step + 1:,}: loss spike: {loss:.4g} is over {SPIKE_FACTOR:g}× the "
-                f"largest of the last {len(self.recent)} steps ({max(self.recent):.4g}); continuing"
-            )
-        self.recent.append(loss)
-        # DDP/FSDP average gradients over ranks; make them d(sum of losses)/d(w) / count.
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned, so the copy overlaps the previous step
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def optimizer_step(self, step: int, total: torch.Tensor, count: torch.Tensor) -> None:
+        """Scale the gradients to d(mean loss), clip, step, unless the loss or the pre-clip
+        gradient norm is not finite: then the weights are left as they were.
+
+        On the CPU the check is made right here (a host sync costs nothing there) and stops
+        the run before the step. On CUDA a sync per step would leave the GPU idle while the
+        host queues the next step, so the check stays on the device: the fused AdamW kernel
+        skips the update when `found_inf` is set, and `settle()` (at each log, evaluation,
+        save and the end) raises for the first such step, before anything after it is saved."""
+        W = self.world.size
         grads = [p.grad for p in self.params if p.grad is not None]
-        torch._foreach_mul_(grads, self.world.size / count)
         clip = self.cfg.clip if self.cfg.clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        grad_norm = float(norm)
-        if not math.isfinite(grad_norm):
-            _stop(step, f"gradient norm is {grad_norm}", self.saved_step, self.writer)
+        if not self.deferred:
+            loss = (total / count).item() if count.item() else math.nan
+            if not math.isfinite(loss):
+                _stop(step, f"loss is {loss}", self.saved_step, self.writer, deferred=False)
+            # DDP/FSDP average gradients over ranks; make them d(sum of losses)/d(w) / count.
+            torch._foreach_mul_(grads, W / count.item())
+            norm = _full(torch.nn.utils.clip_grad_norm_(self.params, clip))
+            if not math.isfinite(float(norm)):
+                _stop(step, f"gradient norm is {float(norm)}", self.saved_step, self.writer,
+                      deferred=False)  # fmt: skip
+        else:
+            loss = total / count
+            # One pass over the gradients instead of two: the norm of the summed-loss
+            # gradients, scaled, gives the mean-loss norm; then one multiply by scale × clip.
+            scale = (W / count).float()
+            norm = _full(torch.nn.utils.get_total_norm(grads)) * scale
+            coef = (clip / (norm + 1e-6)).clamp(max=1.0) if clip != math.inf else 1.0
+            torch._foreach_mul_(grads, scale * coef)
+            bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+            self.optimizer.found_inf = bad.float()  # read by the fused AdamW kernel
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        self.pending.append((step, loss, norm))
+
+    def settle(self) -> None:
+        """Bring the steps run since the last call to the host (one sync on CUDA): stop at the
+        first non-finite one, warn on loss spikes, add the losses to the log window."""
+        if not self.pending:
+            return
+        if self.deferred:
+            values = torch.stack(
+                [
+                    torch.stack([torch.as_tensor(x).double() for x in row[1:]])
+                    for row in self.pending
+                ]
+            ).tolist()
+        else:
+            values = [[float(loss), float(norm)] for _, loss, norm in self.pending]
+        steps = [row[0] for row in self.pending]
+        self.pending = []
+        for step, (loss, norm) in zip(steps, values, strict=True):
+            if not math.isfinite(loss):
+                _stop(step, f"loss is {loss}", self.saved_step, self.writer, self.deferred)
+            if not math.isfinite(norm):
+                _stop(step, f"gradient norm is {norm}", self.saved_step, self.writer,
+                      self.deferred)  # fmt: skip
+            if self.world.main and self.recent and loss > SPIKE_FACTOR * max(self.recent) > 0:
+                warn(
+                    f"step {step + 1:,}: loss spike: {loss:.4g} is over {SPIKE_FACTOR:g}× the "
+                    f"largest of the last {len(self.recent)} steps ({max(self.recent):.4g}); "
+                    "continuing"
+                )
+            self.recent.append(loss)
+            self.counters["window_loss"] += loss
+            self.grad_norm = norm
+        self._clock()
+
+    def _clock(self) -> None:
+        """Add the wall time since the last mark to the step time (and, after the first step,
+        which compiles and warms up, to the timed throughput); evaluations and saves are
+        excluded by moving the mark past them."""
+        now = time.perf_counter()
+        elapsed = now - self.mark
+        self.counters["train_time_s"] += elapsed
+        if self.timed_steps > 1:
+            self.run_time += elapsed
+            self.run_tokens += self.unclocked_tokens
+        self.unclocked_tokens = 0
+        self.mark = now
 
     # --- logging and evaluation -------------------------------------------------------------
 
     def record(
-        self,
-        step: int,
-        loss: float,
-        tokens: int,
-        metrics: MetricSums,
-        lr: float,
-        grad_norm: float,
-        flops_per_token: float,
+        self, step: int, tokens: int, metrics: MetricSums, lr: float, flops_per_token: float
     ) -> None:
         """Count the step; write the log window when it is full."""
         c, W = self.counters, self.world.size
         done = step + 1
         step_tokens = tokens * W
         c["tokens_seen"] += step_tokens
-        now = time.perf_counter()
-        c["train_time_s"] += now - self.step_start
-        c["window_loss"] += loss
         c["window_steps"] += 1
         self.window_metrics.add({name: (t[0], t[1]) for name, t in metrics.sums.items()})
         self.window_tokens += step_tokens
         self.timed_steps += 1
-        if self.timed_steps > 1:  # the first step (compilation, warm-up) is not timed
-            self.run_tokens += step_tokens
-            self.run_time += now - self.step_start
+        if self.timed_steps == 1:
+            self.settle()  # the first step (compilation, warm-up) is timed on its own
+        else:
+            self.unclocked_tokens += step_tokens
+        if not self.deferred:
+            self.settle()
         if done % self.cfg.log_every and done != self.cfg.steps:
             return
+        self.settle()
+        now = time.perf_counter()
         rate = self.window_tokens / max(now - self.window_start, 1e-9)
         c["train_loss"] = c["window_loss"] / c["window_steps"]
         c["metrics"] = self.window_metrics.means()
@@ -522,7 +598,7 @@ class _Run:
             "step": done,
             "loss": c["train_loss"],
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": self.grad_norm,
             "tokens": c["tokens_seen"],
             "tokens_per_s": round(rate, 1),
             **c["metrics"],
@@ -545,6 +621,7 @@ class _Run:
         val: Callable[[], Iterable[dict[str, torch.Tensor]]] | None,
         probes: Sequence[Probe],
     ) -> None:
+        self.settle()
         record: dict[str, Any] = {"step": step}
         if val is not None:
             record["wall_s"] = round(time.perf_counter() - self.began, 3)
@@ -571,7 +648,7 @@ class _Run:
                 if k not in ("step", "val_items", "wall_s") and isinstance(v, float)
             )  # fmt: skip
             info(f"step {step:,}: {shown}")
-        self.window_start = time.perf_counter()
+        self.window_start = self.mark = time.perf_counter()
 
     def check_signals(self, done: int, batches: Batches) -> None:
         if _stop_requested(self.signals, self.world):
@@ -586,6 +663,7 @@ class _Run:
         flops_per_token: float,
     ) -> TrainResult:
         cfg, c = self.cfg, self.counters
+        self.settle()
         tokens_per_s = mfu = None
         if self.run_tokens:  # steps only: evaluations and saves are not counted
             tokens_per_s = self.run_tokens / max(self.run_time, 1e-9)
@@ -615,15 +693,24 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-def _stop(step: int, what: str, saved_step: int | None, writer: Writer) -> None:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 gradient norm) as a plain tensor; others unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _stop(step: int, what: str, saved_step: int | None, writer: Writer, deferred: bool) -> None:
     kept = (
         f"the last good state (step {saved_step:,}) is kept in {writer.state_dir}"
         if saved_step is not None
         else "no state had been saved yet"
     )
+    done = (
+        "its optimizer step was skipped and nothing after it was saved"
+        if deferred
+        else "stopped before the optimizer step, weights not updated"
+    )
     raise NonFiniteLoss(
-        f"step {step + 1:,}: {what}; stopped before the optimizer step, weights not updated; "
-        f"{kept} (lower lr, raise warmup or check the data)"
+        f"step {step + 1:,}: {what}; {done}; {kept} (lower lr, raise warmup or check the data)"
     )
 
 

@@ -47,6 +47,10 @@ class LossOutput:
     metrics: dict[str, Metric] = field(default_factory=dict)
 
 
+class EmptyLossMask(UsageError):
+    """A batch's loss mask selects no token: training on it would report a zero loss."""
+
+
 class Objective(Protocol):
     extra_tokens: int
 
@@ -68,7 +72,9 @@ class NextToken:
     """Causal language modelling: predict token t+1 from tokens ≤ t.
 
     Batch: `tokens` [B, T+1]; optional `loss_mask` [B, T+1] (1 where a token counts as a
-    target, e.g. only the assistant's reply in SFT); position 0 is never a target.
+    target, e.g. only the assistant's reply in SFT); position 0 is never a target. Packed
+    rows add `position_ids` and `segment_ids` [B, T+1] (see `GPT.forward`). A micro-batch
+    whose mask leaves no target is an error (`EmptyLossMask`), never a silent zero loss.
     """
 
     extra_tokens: int = 1
@@ -87,8 +93,19 @@ class NextToken:
         tokens = batch["tokens"]
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         if "loss_mask" in batch:
-            labels = labels.masked_fill(batch["loss_mask"][:, 1:] == 0, IGNORE)
-        total, count = model(inputs, labels=labels)  # the loss inside the (compiled) forward
+            keep = batch["loss_mask"][:, 1:] != 0
+            # On the CPU the check is free; on CUDA it would be a host sync per micro-batch, so
+            # there the batch stream checks its masks (ChatRows.sample) and a step without a
+            # target still stops the loop (its loss is 0/0).
+            if keep.device.type == "cpu" and not bool(keep.any()):
+                raise EmptyLossMask(
+                    "next-token loss: the loss mask of this micro-batch is all zero (no target "
+                    "token); the data gives the model nothing to learn here"
+                )
+            labels = labels.masked_fill(~keep, IGNORE)
+        packed = {k: batch[k][:, :-1] for k in ("position_ids", "segment_ids") if k in batch}
+        # the loss inside the (compiled) forward
+        total, count = model(inputs, labels=labels, **packed)
         return LossOutput(total, count, tokens=inputs.numel())
 
 

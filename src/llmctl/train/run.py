@@ -75,6 +75,7 @@ def train_and_publish(
     probes: Sequence[Probe] = (),
     flops_per_token: float = 0.0,
     rebuild: Callable[[], nn.Module] | None = None,
+    eval_first: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
     """Train on every rank, then publish `out` (a `kind` artifact) from rank 0: `save(dir,
@@ -86,7 +87,7 @@ def train_and_publish(
             distributed.barrier()
             writer = Writer(partial_dir(out), fingerprint, main=False)
             train(model, batches, objective, cfg, writer, val=val, probes=probes,
-                  flops_per_token=flops_per_token)  # fmt: skip
+                  flops_per_token=flops_per_token, eval_first=eval_first)  # fmt: skip
             gather_model(model, world, rebuild)
             return {}
         with building(out, kind=kind, command=command, config=config, inputs=inputs,
@@ -94,7 +95,7 @@ def train_and_publish(
             distributed.barrier()
             writer = Writer(art.dir, fingerprint)
             result = train(model, batches, objective, cfg, writer, val=val, probes=probes,
-                           flops_per_token=flops_per_token)  # fmt: skip
+                           flops_per_token=flops_per_token, eval_first=eval_first)  # fmt: skip
             final = gather_model(model, world, rebuild)
             assert final is not None
             save(art.dir, final)
