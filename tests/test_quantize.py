@@ -370,3 +370,26 @@ def test_an_already_quantized_checkpoint_is_refused(tmp_path: Path) -> None:
         save_checkpoint(art.dir, model)
     res = runner.invoke(app, ["quantize", str(ckpt), "--out", str(tmp_path / "q"), "-q"])
     assert res.exit_code == 2 and "already quantized (int8)" in res.output, res.output
+
+
+def test_lora_on_an_int4_base_trains_only_the_adapter(tmp_path: Path) -> None:
+    """QLoRA: a frozen int4 base, LoRA in float, trained through the shared loop."""
+    from llmctl.model.lora import apply_lora
+    from llmctl.train.batches import StepBatches
+    from llmctl.train.loop import Writer, train
+    from llmctl.train.objectives import NextToken
+    from llmctl.train.settings import TrainSettings
+
+    torch.manual_seed(0)
+    model = GPT(preset("tiny"))
+    Q.quantize(model, Q.QuantSpec("int4"))
+    apply_lora(model, "all", r=4, alpha=8.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = torch.randint(0, 256, (64, 33))
+    cfg = TrainSettings(steps=3, batch_size=4, lr=1e-2, warmup=0, save_every=0, eval_every=0)
+    train(model, StepBatches(lambda i: data[i % 16 * 4 : i % 16 * 4 + 4].numpy()), NextToken(),
+          cfg, Writer(tmp_path / "run", {"t": 1}))  # fmt: skip
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_B." in k or ".lora_A." in k for k in changed), changed
+    assert any(".lora_B." in k for k in changed)  # B starts at zero: it moved
