@@ -393,3 +393,36 @@ def test_lora_on_an_int4_base_trains_only_the_adapter(tmp_path: Path) -> None:
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".lora_B." in k or ".lora_A." in k for k in changed), changed
     assert any(".lora_B." in k for k in changed)  # B starts at zero: it moved
+
+
+def test_dequantize_model_keeps_the_values(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT(preset("tiny")).eval()
+    Q.quantize(model, Q.QuantSpec("int4"))
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = model(x)
+        assert Q.dequantize_model(model) == 15
+        assert torch.allclose(model(x), ref, atol=1e-4)
+    assert model.lm_head.weight is model.tok_emb.weight
+    save_checkpoint(tmp_path, model)
+    assert "quantization" not in json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_qlora_generate_and_merge_from_the_cli(base: dict[str, Path]) -> None:
+    quantize(base, "q4-lora", "--method", "int4")
+    q4, root = str(base["root"] / "q4-lora"), base["root"]
+    res = runner.invoke(app, ["lora", q4, str(base["tokens"]), "--out", str(root / "ad"),
+                              "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                              "--device", "cpu", "-q"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["generate", q4, "--adapter", str(root / "ad"), "--prompt",
+                              "ROMEO: my lord", "--max-new-tokens", "4", "-q"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["lora", q4, "--merge", str(root / "ad"), "--out",
+                              str(root / "merged")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "full-precision" in res.output.replace("\n", " ")
+    config = json.loads((root / "merged" / "config.json").read_text())
+    assert "quantization" not in config and config["dtype"] == "float32"

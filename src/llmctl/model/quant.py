@@ -507,6 +507,40 @@ def _quantize_embeddings(model: nn.Module) -> None:
         model.lm_head = Int8Linear.from_linear(model.lm_head)
 
 
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> int:
+    """Turn every quantized module back into nn.Linear / nn.Embedding holding its dequantized
+    weights (in the scales' float dtype), in place, and drop the `quantization` block: a
+    full-precision model with the quantized model's values, e.g. to merge a LoRA adapter
+    into (there is no exact merge into integers). Returns how many modules were replaced."""
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Int8Linear | Int4Linear):
+            dtype = mod.scale.dtype
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                            device=mod.scale.device, dtype=dtype)  # fmt: skip
+            lin.weight.copy_(mod.dequantize())
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias)
+            new: nn.Module = lin
+        elif isinstance(mod, Int8Embedding):
+            new = nn.Embedding(mod.num_embeddings, mod.embedding_dim, device=mod.scale.device,
+                               dtype=mod.scale.dtype)  # fmt: skip
+            new.weight.copy_(mod.dequantize())
+        else:
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+        n += 1
+    if isinstance(getattr(model, "lm_head", None), TiedInt8Head):
+        cfg = model.config
+        model.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        model.tie_weights()
+    if getattr(model, "quantization", None) is not None:
+        del model.quantization
+    return n
+
+
 def apply_qat(model: nn.Module, spec: QuantSpec) -> int:
     """Make every block Linear a FakeQuantLinear (weights shared); returns how many."""
     linears = block_linears(model)
