@@ -426,3 +426,16 @@ def test_qlora_generate_and_merge_from_the_cli(base: dict[str, Path]) -> None:
     assert "full-precision" in res.output.replace("\n", " ")
     config = json.loads((root / "merged" / "config.json").read_text())
     assert "quantization" not in config and config["dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_export_of_a_quantized_checkpoint_says_it_requantizes(base: dict[str, Path]) -> None:
+    quantize(base, "q8-export", "--method", "int8")
+    out = base["root"] / "q8-gguf"
+    res = runner.invoke(app, ["export", str(base["root"] / "q8-export"), "--format", "gguf",
+                              "--set", "gguf.type=q8_0", "--set", "license=MIT", "--out",
+                              str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "requantized to q8_0" in res.output.replace("\n", " ")
+    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    assert stats["dequantized_from"] == "int8" and (out / "model.gguf").stat().st_size > 0
