@@ -171,6 +171,8 @@ class KVCache:
     and advances it. Build one with `GPT.make_cache`.
     """
 
+    can_rollback = True
+
     def __init__(
         self,
         n_layer: int,
