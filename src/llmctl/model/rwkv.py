@@ -13,10 +13,13 @@ bonus u = time_first:
     wkv_t = (sum_{i<t} e^{-(t-1-i)w + k_i} v_i + e^{u + k_t} v_t)
           / (sum_{i<t} e^{-(t-1-i)w + k_i}     + e^{u + k_t})
 
-Training computes it for the whole sequence at once, chunk by chunk (`wkv_chunked`): inside a
-chunk every (t, i) weight is formed explicitly with the per-row maximum subtracted before the
-exponential, and the chunks hand a log-space state (a, b, p: numerator and denominator scaled
-by e^-p) to the next one, as the official CUDA kernels do with their running maximum. The WKV
+Training computes it for the whole sequence at once (`wkv_chunked`): the recurrence
+s_t = e^-w s_{t-1} + e^{k_t} v_t is linear, so its segments combine associatively, and a
+parallel prefix scan (log2(T) steps over all positions) gives every s_t; each segment is held
+in log space (a, b, p: numerator and denominator scaled by e^-p) and every combination
+subtracts the larger exponent first, as the official CUDA kernels do with their running
+maximum, so nothing overflows in fp32 or bf16. Long inputs are scanned in chunks that hand
+the state on. The WKV
 runs in float32 whatever the model's dtype (as the official bf16 kernel does internally).
 Generation feeds the same state one token at a time (`RWKVState`, a fixed size per layer:
 the last LN1/LN2 outputs for the token shift and a, b, p), so memory and cost per token do not
@@ -52,7 +55,7 @@ NEG = -1.0e30
 class RWKVConfig:
     """Architecture of an RWKV-4 model. `d_ff=None` means 4 * d_model (the paper's ratio).
     `max_seq_len` is the training context (the recurrent form itself has no limit);
-    `chunk_size` is the WKV chunk length of the parallel form (a speed/memory trade-off, not
+    `chunk_size` is the WKV scan length of the parallel form (a speed/memory trade-off, not
     a change of the result). Example: `RWKVConfig(vocab_size=256, n_layer=2, d_model=64)`."""
 
     vocab_size: int
@@ -129,6 +132,15 @@ def wkv_empty(batch: int, channels: int, device: torch.device | str | None) -> W
     return zeros, zeros.clone(), torch.full_like(zeros, NEG)
 
 
+def _combine(left: WKVState, right: WKVState, decay: torch.Tensor | float) -> WKVState:
+    """The state of two adjacent segments: `left` decayed by `decay` (= its distance · w) plus
+    `right`, rescaled to their larger exponent so no exponential exceeds 1."""
+    pl = left[2] - decay
+    p = torch.maximum(pl, right[2])
+    el, er = torch.exp(pl - p), torch.exp(right[2] - p)
+    return left[0] * el + right[0] * er, left[1] * el + right[1] * er, p
+
+
 def wkv_chunked(
     w: torch.Tensor,
     u: torch.Tensor,
@@ -140,39 +152,37 @@ def wkv_chunked(
     """WKV of `k`, `v` [B, T, C] (float32) after `state`, with decay `w` = exp(time_decay)
     and bonus `u` [C]; returns (wkv [B, T, C], the state after the last token).
 
-    Chunks of `chunk` tokens run in parallel over t: the weight of token i for output t is
-    e^{-(t-1-i)w + k_i} (i < t), e^{u + k_t} (i = t), and the carried-in state counts as one
-    more term with log-weight p - t·w. Each row subtracts its maximum log-weight before the
-    exponential, so nothing overflows; a key of NEG (padding) contributes exactly zero."""
-    a, b, p = state
-    T = k.shape[1]
+    Each chunk of `chunk` tokens is one parallel prefix scan (Hillis-Steele, log2(chunk) steps
+    over all positions at once) of the recurrence s_t = e^-w s_{t-1} + e^{k_t} v_t, whose
+    segments combine associatively in log space (`_combine`: a running maximum, as the
+    official kernels keep). The state carried in enters each position decayed by its
+    distance; the chunks hand their end state on. A key of NEG (padding) adds exactly zero."""
     outs = []
-    for s in range(0, T, chunk):
+    for s in range(0, k.shape[1], chunk):
         kc, vc = k[:, s : s + chunk], v[:, s : s + chunk]
         L = kc.shape[1]
-        t = torch.arange(L, device=k.device, dtype=torch.float32)
-        dist = t[:, None] - 1 - t[None, :]  # [L(t), L(i)]: t-1-i
-        # log-weights [B, t, i, C]: past tokens decay, the current one gets the bonus u
-        logw = -dist[None, :, :, None] * w + kc[:, None, :, :]
-        logw = torch.where((dist == -1)[None, :, :, None], (u + kc)[:, None, :, :], logw)
-        logw = logw.masked_fill((dist < -1)[None, :, :, None], NEG)
-        from_state = p[:, None, :] - t[None, :, None] * w  # [B, t, C]
-        m = torch.maximum(logw.amax(2), from_state)
-        e = torch.exp(logw - m[:, :, None, :])
-        es = torch.exp(from_state - m)
-        num = (e * vc[:, None, :, :]).sum(2) + es * a[:, None, :]
-        den = e.sum(2) + es * b[:, None, :]
-        outs.append(num / den)
-        # the state after the chunk's last token: every chunk token decayed to L-1, the old
-        # state decayed by L steps
-        end = -(L - 1 - t)[None, :, None] * w + kc  # [B, i, C]
-        old = p - L * w
-        p_new = torch.maximum(end.amax(1), old)
-        ek, eo = torch.exp(end - p_new[:, None, :]), torch.exp(old - p_new)
-        a = (ek * vc).sum(1) + eo * a
-        b = ek.sum(1) + eo * b
-        p = p_new
-    return torch.cat(outs, dim=1), (a, b, p)
+        # inclusive scan: position t holds the sum over the chunk's tokens 0..t
+        a, b, p = vc, torch.ones_like(vc), kc
+        off = 1
+        while off < L:
+            na, nb, np_ = _combine((a[:, :-off], b[:, :-off], p[:, :-off]),
+                                   (a[:, off:], b[:, off:], p[:, off:]), off * w)  # fmt: skip
+            a = torch.cat([a[:, :off], na], 1)
+            b = torch.cat([b[:, :off], nb], 1)
+            p = torch.cat([p[:, :off], np_], 1)
+            off *= 2
+        # the carried-in state, decayed to each position, joins every prefix
+        t = torch.arange(1, L + 1, device=k.device, dtype=torch.float32)[None, :, None]
+        start = tuple(x[:, None] for x in state)
+        a, b, p = _combine(start, (a, b, p), t * w)  # type: ignore[arg-type]
+        # output t reads the state before it (tokens < t) plus the current token's bonus
+        before = tuple(
+            torch.cat([x[:, None], y[:, :-1]], 1) for x, y in zip(state, (a, b, p), strict=True)
+        )
+        na, nb, _ = _combine(before, (vc, torch.ones_like(vc), u + kc), 0.0)  # type: ignore[arg-type]
+        outs.append(na / nb)
+        state = (a[:, -1], b[:, -1], p[:, -1])
+    return torch.cat(outs, dim=1), state
 
 
 def wkv_step(
