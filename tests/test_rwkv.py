@@ -337,3 +337,15 @@ def test_resume_after_a_kill_is_bitwise(tokens: Path, tmp_path: Path) -> None:
     assert open_artifact(out, "checkpoint").stats["start_step"] == 4
     assert records(out) == records(straight) and len(records(out)) == 12
     assert sha(out / "model.safetensors") == sha(straight / "model.safetensors")
+
+
+def test_labels_give_the_summed_loss_as_the_objectives_expect() -> None:
+    from llmctl.train.objectives import IGNORE, token_loss
+
+    model = random_model(9)
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(9))
+    labels = ids[:, 1:].clone()
+    labels[0, :3] = IGNORE
+    total, count = model(ids[:, :-1], labels=labels)
+    want_total, want_count = token_loss(model(ids[:, :-1]), labels)
+    assert int(count) == int(want_count) == 19 and torch.equal(total, want_total)

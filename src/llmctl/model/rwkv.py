@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmctl.model.gpt import relayout_linears
+from llmctl.model.gpt import relayout_linears, token_loss
 
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool}
 # A "minus infinity" that stays finite: exp(NEG - finite) == 0 and NEG - NEG == 0 (no NaN).
@@ -480,11 +480,13 @@ class RWKV(nn.Module):
         return_hidden: bool = False,
         hidden_layers: tuple[int, ...] | list[int] = (),
         logits_to_keep: int = 0,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Logits [B, T, V] for tokens `idx` [B, T]; the arguments mean what they mean for
-        `GPT.forward`. `attention_mask` [B, S] (S = cache.length + T) marks real tokens True:
-        padding (left, as generation pads) neither enters the WKV state nor serves as the
-        previous token of a token shift. `position_ids` are accepted and unused (an RNN knows
+        `GPT.forward` (`labels` returns the summed loss and its count instead of logits).
+        `attention_mask` [B, S] (S = cache.length + T) marks real tokens True: padding (left,
+        as generation pads) neither enters the WKV state nor serves as the previous token of
+        a token shift. `position_ids` are accepted and unused (an RNN knows
         order from the recurrence). With `cache`, the state advances past the T tokens."""
         B, T = idx.shape
         past = 0
@@ -526,6 +528,8 @@ class RWKV(nn.Module):
             cache.length = past + T
         hidden = self.norm_f(x)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+        if labels is not None:
+            return token_loss(logits, labels)
         if hidden_layers:
             return logits, [states[i] for i in hidden_layers]
         return (logits, hidden) if return_hidden else logits
