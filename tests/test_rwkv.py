@@ -199,8 +199,40 @@ def test_generate_every_strategy_batched_equals_one_at_a_time() -> None:
     for t in greedy:  # greedy is the argmax of the parallel form's logits
         assert int(model(ids)[0, -1].argmax()) == t
         ids = torch.cat([ids, torch.tensor([[t]])], 1)
-    with pytest.raises(ValueError, match="can roll back"):
-        generate(model, prompts[:1], GenerationParams(max_new_tokens=4), draft=model)
+    # speculative decoding: the state rolls back to the accepted tokens; greedy with a draft
+    # (another RWKV, or a GPT of the same vocabulary) is plain greedy
+    from llmctl.model.gpt import GPT
+    from llmctl.model.gpt import preset as gpt_preset
+
+    torch.manual_seed(1)
+    drafts = (random_model(7), model, GPT(gpt_preset("tiny", vocab_size=61)).eval())
+    plain = generate(model, prompts, GenerationParams(max_new_tokens=12))
+    for draft in drafts:
+        for k in (1, 3, 5):
+            spec = generate(model, prompts, GenerationParams(max_new_tokens=12, draft_k=k),
+                            draft=draft)  # fmt: skip
+            assert [r[0].tokens for r in spec] == [r[0].tokens for r in plain]
+    sampled = GenerationParams(max_new_tokens=12, do_sample=True, seed=1, draft_k=3)
+    assert all(len(r[0].tokens) == 12 for r in generate(model, prompts, sampled, draft=drafts[0]))
+
+
+@torch.no_grad()
+def test_crop_rolls_the_state_back() -> None:
+    model = random_model(10)
+    ids = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(10))
+    full = model(ids)
+    state = model.make_cache(2, 20)
+    model(ids[:, :6], cache=state)
+    model(ids[:, 6:11], cache=state)
+    model(torch.randint(0, 61, (2, 4)), cache=state)  # rejected drafts
+    model(torch.randint(0, 61, (2, 1)), cache=state)
+    state.crop(9)  # inside the second call: its first 3 tokens are fed again
+    assert state.length == 9
+    torch.testing.assert_close(model(ids[:, 9:], cache=state), full[:, 9:], rtol=0, atol=1e-5)
+    state.crop(6)  # a call boundary: restored as it was
+    torch.testing.assert_close(model(ids[:, 6:12], cache=state), full[:, 6:12], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot roll back"):
+        state.crop(13)  # beyond the current length
 
 
 def test_config_round_trip_and_checkpoint(tmp_path: Path) -> None:
@@ -283,8 +315,12 @@ def test_tiny_chain_pretrain_eval_generate(tokens: Path, tmp_path: Path) -> None
         assert res.exit_code == 0, res.output
         rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(r["completion_tokens"] >= 1 for r in rows)
-    res = runner.invoke(app, ["generate", str(ckpt), "--prompt", "Hi", "--draft", str(ckpt)])
-    assert res.exit_code == 2 and "cannot" in res.output and "\n" not in res.output.strip()
+    greedy = ["generate", str(ckpt), "--prompt", "To be", "--max-new-tokens", "12", "-q"]
+    plain = runner.invoke(app, greedy)
+    spec = runner.invoke(app, [*greedy, "--draft", str(ckpt), "--dtype", "float32"])
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
+    fp32 = runner.invoke(app, [*greedy, "--dtype", "float32"])
+    assert spec.stdout == fp32.stdout and len(spec.stdout) > 5
 
     mlm = pretrain(tokens, tmp_path / "x", "--objective", "mlm", "--steps", "2")
     assert mlm.exit_code == 2 and "RWKV" in mlm.output

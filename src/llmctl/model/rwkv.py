@@ -23,7 +23,8 @@ the state on. The WKV
 runs in float32 whatever the model's dtype (as the official bf16 kernel does internally).
 Generation feeds the same state one token at a time (`RWKVState`, a fixed size per layer:
 the last LN1/LN2 outputs for the token shift and a, b, p), so memory and cost per token do not
-grow with the context.
+grow with the context. Speculative decoding's rollback restores the state before one of the
+last forward calls and feeds the accepted tokens again (`RWKVState.crop`).
 
 Example:
     >>> model = RWKV(rwkv_preset("rwkv-tiny", vocab_size=100))
@@ -206,10 +207,17 @@ def wkv_step(
 class RWKVState:
     """Per layer, a fixed-size state: the last LN1 and LN2 outputs (token shift, [B, C] in the
     model's dtype) and the WKV state (a, b, p, [B, C] float32). `length` counts the tokens fed.
-    Nothing grows with the context; `reorder` selects rows (beams). `crop` cannot roll an RNN
-    back: only `crop(length)` (no change) is allowed. Build one with `RWKV.make_cache`."""
+    Nothing grows with the context; `reorder` selects rows (beams). Build one with
+    `RWKV.make_cache`.
 
-    can_rollback = False
+    `crop(n)` (speculative decoding's rollback) works within the last `KEEP` forward calls:
+    every call keeps a reference to the state before it (the state's tensors are replaced,
+    never written in place, so this costs no copy) and its input tokens; cropping restores
+    the state before the call that holds position n and feeds that call's first tokens again
+    (at most the speculation's draft_k + 1)."""
+
+    can_rollback = True
+    KEEP = 32
 
     def __init__(
         self,
@@ -219,30 +227,57 @@ class RWKVState:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         zeros = torch.zeros(batch_size, d_model, device=device, dtype=dtype)
         self.att_x = [zeros.clone() for _ in range(n_layer)]
         self.ffn_x = [zeros.clone() for _ in range(n_layer)]
         self.wkv = [wkv_empty(batch_size, d_model, device) for _ in range(n_layer)]
         self.length = 0
+        self.model = model
+        # (length, att_x, ffn_x, wkv, tokens [B, T], their mask [B, T] or None) per call
+        self._calls: list[tuple[int, list, list, list, torch.Tensor, torch.Tensor | None]] = []
 
     @property
     def batch_size(self) -> int:
         return self.att_x[0].shape[0]
 
+    def remember(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Called by `RWKV.forward` before it advances the state by `tokens`."""
+        self._calls.append(
+            (self.length, list(self.att_x), list(self.ffn_x), list(self.wkv), tokens, mask)
+        )
+        del self._calls[: -self.KEEP]
+
     def reorder(self, index: torch.LongTensor) -> None:
-        """Select batch rows in place (beam search). `index` may repeat rows or change B."""
+        """Select batch rows in place (beam search). `index` may repeat rows or change B.
+        Earlier states are forgotten: after a reorder only `crop(length)` is possible."""
         self.att_x = [t.index_select(0, index) for t in self.att_x]
         self.ffn_x = [t.index_select(0, index) for t in self.ffn_x]
         self.wkv = [tuple(t.index_select(0, index) for t in s) for s in self.wkv]  # type: ignore[misc]
+        self._calls.clear()
 
     def crop(self, length: int) -> None:
-        """An RNN state cannot forget tokens: only the current length is accepted."""
-        if length != self.length:
+        """Forget every token from `length` on (see the class docstring for how far back)."""
+        if length == self.length:
+            return
+        call = next((c for c in reversed(self._calls) if c[0] <= length), None)
+        if not 0 <= length < self.length or call is None or self.model is None:
             raise ValueError(
-                f"RWKVState.crop: a recurrent state cannot roll back from {self.length} "
-                f"to {length} tokens"
+                f"RWKVState.crop: cannot roll back from {self.length} to {length} tokens "
+                f"(the state remembers the last {len(self._calls)} forward calls)"
             )
+        start, att_x, ffn_x, wkv, tokens, mask = call
+        del self._calls[self._calls.index(call) :]
+        self.att_x, self.ffn_x, self.wkv = list(att_x), list(ffn_x), list(wkv)
+        self.length = start
+        if length > start:  # the call held position `length`: feed its first tokens again
+            n = length - start
+            full = None
+            if mask is not None:
+                past = torch.ones(mask.shape[0], start, dtype=torch.bool, device=mask.device)
+                full = torch.cat([past, mask[:, :n]], 1)
+            self.model(tokens[:, :n], attention_mask=full, cache=self, logits_to_keep=1)
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -464,6 +499,7 @@ class RWKV(nn.Module):
             self.config.d_model,
             device=weight.device if device is None else device,
             dtype=weight.dtype if dtype is None else dtype,
+            model=self,
         )
 
     def use_decode_layout(self, batch_size: int) -> None:
@@ -508,6 +544,8 @@ class RWKV(nn.Module):
             pad = ~attention_mask[:, past:].bool()
             if not pad.any():
                 pad = None
+        if cache is not None:
+            cache.remember(idx, None if pad is None else ~pad)
         if return_hidden and hidden_layers:
             raise ValueError("ask for return_hidden or hidden_layers, not both")
         for i in hidden_layers:

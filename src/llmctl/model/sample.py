@@ -697,7 +697,7 @@ def _check_causal(model: LanguageModel, draft: LanguageModel | None) -> None:
     if draft is not None and not draft.config.causal:
         raise ValueError("the draft model must be causal")
     for m in (model, draft) if draft is not None else ():
-        # speculation crops rejected tokens from the cache; an RNN state cannot forget them
+        # speculation crops rejected tokens from the cache; a cache that cannot is refused
         if not getattr(m, "can_rollback", True):
             raise ValueError(f"speculative decoding needs a cache that can roll back; "
                              f"{type(m).__name__}'s recurrent state cannot")  # fmt: skip
