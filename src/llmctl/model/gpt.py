@@ -171,6 +171,8 @@ class KVCache:
     and advances it. Build one with `GPT.make_cache`.
     """
 
+    can_rollback = True
+
     def __init__(
         self,
         n_layer: int,
@@ -423,6 +425,22 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def relayout_linears(model: nn.Module, batch_size: int) -> None:
+    """Give every plain `nn.Linear` of `model` the weight layout that decoding `batch_size`
+    rows reads fastest (see `GPT.use_decode_layout`, which explains why); any model may call it."""
+    # made outside inference mode, so the model can still be trained afterwards
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.modules():
+            if type(module) is not nn.Linear or type(module.weight.data) is not torch.Tensor:
+                continue  # swapped modules (LoRA, quantized) and sharded (DTensor) weights
+            w = module.weight.data
+            if w.device.type == "cpu" and w.dtype == torch.float32 and batch_size <= 2:
+                if not w.t().is_contiguous():
+                    module.weight.data = w.t().contiguous().t()
+            elif not w.is_contiguous():
+                module.weight.data = w.contiguous()
+
+
 class GPT(nn.Module):
     """Token embedding → `n_layer` pre-norm blocks → final norm → lm head.
 
@@ -541,17 +559,7 @@ class GPT(nn.Module):
         a little faster (3-10% at 8 rows) row-major, as are bfloat16/float16 (oneDNN) and GPU
         kernels: there the weights are made contiguous again (~0.15 s for 124M weights).
         """
-        # made outside inference mode, so the model can still be trained afterwards
-        with torch.inference_mode(False), torch.no_grad():
-            for module in self.modules():
-                if type(module) is not nn.Linear or type(module.weight.data) is not torch.Tensor:
-                    continue  # swapped modules (LoRA, quantized) and sharded (DTensor) weights
-                w = module.weight.data
-                if w.device.type == "cpu" and w.dtype == torch.float32 and batch_size <= 2:
-                    if not w.t().is_contiguous():
-                        module.weight.data = w.t().contiguous().t()
-                elif not w.is_contiguous():
-                    module.weight.data = w.contiguous()
+        relayout_linears(self, batch_size)
 
     def forward(
         self,
