@@ -30,7 +30,7 @@ from llmctl.train.settings import COSMETIC, TrainSettings
 class PretrainConfig(TrainSettings):
     """Settings of `llmctl pretrain`: the shared training keys plus the model to build."""
 
-    preset: str = helpful("small", "model preset: tiny, small, gpt2-124m, llama-style")
+    preset: str = helpful("small", "model preset: tiny, mini, small, gpt2-124m, llama-style")
     model: dict[str, Any] = helpful(
         {},
         "overrides of the preset's fields, e.g. model.n_layer=4, model.pos='alibi' "
