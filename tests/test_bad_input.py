@@ -218,6 +218,50 @@ ROWS: dict[str, Row] = {
         lambda a, out: ["import", "llama2c", a["model"], a["tokenizer"], "--out", out, "-q"],
         strict=(),
     ),
+    # distill (logit): the teacher's tokenizer.json is compared by hash with the data's, not
+    # parsed; the data's tokenizer files are parsed
+    "distill": Row(
+        {
+            "tokens": Slot(("tokens",), (*TOKEN_CASES, *TOKENIZER_CASES)),
+            "teacher": Slot(("checkpoint",), CKPT_CASES[:2] + CKPT_CASES[4:]),
+        },
+        lambda a, out: [
+            "distill",
+            a["tokens"],
+            "--teacher",
+            a["teacher"],
+            "--out",
+            out,
+            "--kind",
+            "logit",
+            "--student-preset",
+            *TINY[1:],
+            "-q",
+        ],
+        strict=("--set", "strict=true"),
+    ),
+    # distill (sequence): prompts answered by the teacher checkpoint, whose files are all read
+    "distill-sequence": Row(
+        {"prompts": Slot(("prompts",)), "teacher": Slot(("checkpoint",), CKPT_CASES)},
+        lambda a, out: [
+            "distill",
+            a["prompts"],
+            "--teacher",
+            a["teacher"],
+            "--out",
+            out,
+            "--kind",
+            "sequence",
+            "--student-preset",
+            *TINY[1:],
+            "--set",
+            "gen.max_new_tokens=2",
+            "--set",
+            "val_fraction=0",
+            "-q",
+        ],
+        strict=("--set", "strict=true"),
+    ),
 }
 
 

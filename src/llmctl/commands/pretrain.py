@@ -31,7 +31,8 @@ class PretrainConfig(TrainSettings):
     """Settings of `llmctl pretrain`: the shared training keys plus the model to build."""
 
     preset: str = helpful(
-        "small", "model preset: tiny, small, gpt2-124m, llama-style (GPT); rwkv-tiny, rwkv-small"
+        "small",
+        "model preset: tiny, mini, small, gpt2-124m, llama-style (GPT); rwkv-tiny, rwkv-small",
     )
     model: dict[str, Any] = helpful(
         {},

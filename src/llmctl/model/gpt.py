@@ -142,6 +142,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=8192, n_layer=6, n_head=6, d_model=384, d_ff=1024,
         max_seq_len=256, norm="rmsnorm", mlp="swiglu", pos="rope",
     ),
+    # About a quarter of small's parameters (3.3M of 13.8M with an 8K vocabulary; 1.8M
+    # non-embedding): the student that `distill` benchmarks against a small teacher.
+    "mini": dict(
+        vocab_size=8192, n_layer=4, n_head=6, d_model=192, d_ff=512,
+        max_seq_len=256, norm="rmsnorm", mlp="swiglu", pos="rope",
+    ),
     # GPT-2 small, weight-compatible with transformers' GPT2LMHeadModel (see model/hf.py).
     "gpt2-124m": dict(
         vocab_size=50257, n_layer=12, n_head=12, d_model=768, d_ff=3072,
