@@ -7,8 +7,9 @@ docs/design.md §5 give the expected outcome:
   no traceback, nothing published;
 - record level ("record"): exit 0, the artifact published with the record in
   rejected/errors.jsonl; exit 2 naming file:line under --strict.
-A later command (finetune, lora, align, distill, quantize, import, export) joins by adding its
-row to ROWS; a later input kind (adapter) by adding its good input to `inputs` and its cases.
+A later command (align, distill, quantize, ...) joins by adding its row to ROWS, as finetune,
+lora, import and export did; a later input kind (adapter) by adding its good input to `inputs`
+and its cases.
 Everything runs in-process through typer's CliRunner. Manifests, token-shard headers and
 safetensors headers are also fuzzed with hypothesis (bounded example counts).
 """
@@ -77,6 +78,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ok("pretrain", d / "tokens", "--out", d / "checkpoint", *TINY, "-q")
     (d / "prompts.jsonl").write_text('{"prompt": "The"}\n{"prompt": "A"}\n')
     shutil.copyfile(d / "tokens" / "tokenizer.json", d / "tokenizer.json")
+    chat = Path(__file__).parent.parent / "recipes" / "data" / "sft" / "identity.jsonl"
+    (d / "chat.jsonl").write_text("".join(chat.read_text().splitlines(keepends=True)[:20]))
+    _llama2c(d / "l2c.bin", d / "tok.bin")
     return {
         "file": d / "raw.jsonl",
         "docs": d / "docs",
@@ -84,7 +88,24 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "checkpoint": d / "checkpoint",
         "prompts": d / "prompts.jsonl",
         "tokfile": d / "tokenizer.json",
+        "chat": d / "chat.jsonl",
+        "l2c": d / "l2c.bin",
+        "l2ctok": d / "tok.bin",
     }
+
+
+def _llama2c(model: Path, tok: Path) -> None:
+    """A tiny llama2.c model (legacy header, random weights) and its tokenizer file."""
+    pieces = ["<unk>", "\n<s>\n", "\n</s>\n", *(f"<0x{b:02X}>" for b in range(256)), " a"]
+    dim, hidden, layers, heads, vocab, seq = 8, 16, 1, 2, len(pieces), 8
+    n = vocab * dim + layers * (2 * dim + 4 * dim * dim + 3 * hidden * dim) + dim
+    n += seq * dim // heads
+    weights = struct.pack(f"<{n}f", *(((i * 7919) % 13 - 6) / 20 for i in range(n)))
+    model.write_bytes(struct.pack("<7i", dim, hidden, layers, heads, heads, vocab, seq) + weights)
+    body = b"".join(
+        struct.pack("<fi", -i, len(p.encode())) + p.encode() for i, p in enumerate(pieces)
+    )
+    tok.write_bytes(struct.pack("<i", 8) + body)
 
 
 # --- the commands: one row each ------------------------------------------------------------------
@@ -120,6 +141,7 @@ J1 = ("-j", "1", "-q")
 TINY = ("--preset", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "16")  # fmt: skip
 TINY += ("--device", "cpu")
 ONE_TOKEN = ("--max-new-tokens", "1", "--device", "cpu", "-q")
+ONE_STEP = ("--steps", "1", "--batch-size", "2", "--device", "cpu", "-q")
 
 ROWS: dict[str, Row] = {
     "clean": Row(
@@ -171,6 +193,74 @@ ROWS: dict[str, Row] = {
             + (["--draft", a["draft"]] if a["draft"] else [])
         ),
         writes=False,
+    ),
+    "finetune": Row(
+        {
+            "checkpoint": Slot(("checkpoint",), CKPT_CASES),
+            "input": Slot(("chat",)),
+        },
+        lambda a, out: ["finetune", a["checkpoint"], a["input"], "--out", out, *ONE_STEP],
+    ),
+    "lora": Row(
+        {
+            "checkpoint": Slot(("checkpoint",), CKPT_CASES),
+            "input": Slot(("chat", "tokens"), TOKEN_CASES),
+        },
+        lambda a, out: ["lora", a["checkpoint"], a["input"], "--out", out, *ONE_STEP],
+    ),
+    "export": Row(
+        {"checkpoint": Slot(("checkpoint",), CKPT_CASES)},
+        lambda a, out: ["export", a["checkpoint"], "--format", "gguf", "--out", out, "-q"],
+        strict=(),
+    ),
+    "import": Row(
+        {"model": Slot(("l2c",)), "tokenizer": Slot(("l2ctok",))},
+        lambda a, out: ["import", "llama2c", a["model"], a["tokenizer"], "--out", out, "-q"],
+        strict=(),
+    ),
+    # distill (logit): the teacher's tokenizer.json is compared by hash with the data's, not
+    # parsed; the data's tokenizer files are parsed
+    "distill": Row(
+        {
+            "tokens": Slot(("tokens",), (*TOKEN_CASES, *TOKENIZER_CASES)),
+            "teacher": Slot(("checkpoint",), CKPT_CASES[:2] + CKPT_CASES[4:]),
+        },
+        lambda a, out: [
+            "distill",
+            a["tokens"],
+            "--teacher",
+            a["teacher"],
+            "--out",
+            out,
+            "--kind",
+            "logit",
+            "--student-preset",
+            *TINY[1:],
+            "-q",
+        ],
+        strict=("--set", "strict=true"),
+    ),
+    # distill (sequence): prompts answered by the teacher checkpoint, whose files are all read
+    "distill-sequence": Row(
+        {"prompts": Slot(("prompts",)), "teacher": Slot(("checkpoint",), CKPT_CASES)},
+        lambda a, out: [
+            "distill",
+            a["prompts"],
+            "--teacher",
+            a["teacher"],
+            "--out",
+            out,
+            "--kind",
+            "sequence",
+            "--student-preset",
+            *TINY[1:],
+            "--set",
+            "gen.max_new_tokens=2",
+            "--set",
+            "val_fraction=0",
+            "-q",
+        ],
+        strict=("--set", "strict=true"),
     ),
 }
 
@@ -435,7 +525,7 @@ def long_line(ctx: Ctx, path: Path) -> Path:
 
 
 ART, CKPT, TOK, DOCS = ("artifact",), ("checkpoint",), ("tokens",), ("docs",)
-FILES = ("file", "prompts", "tokfile")
+FILES = ("file", "prompts", "tokfile", "chat", "l2c", "l2ctok")
 SHARDS = ("train-*.bin", "val-*.bin")
 
 
@@ -500,8 +590,15 @@ CASES: dict[str, Case] = {
     "tokenizer_file_bad": refused(("tokfile",), file_case(not_json)),
     "non_utf8_name": Case(("file", "prompts"), file_case(non_utf8_name), "kept"),
     # records (prompts: each line is a request, so a bad one is refused, never skipped)
-    "bad_json_line": record(("file", "prompts"), records([b"{not json\n"]), "bad_json"),
-    "bad_utf8_line": record(("file", "prompts"), records([b'{"text": "\xff"}\n']), "invalid_utf8"),
+    "bad_json_line": record(("file", "prompts", "chat"), records([b"{not json\n"]), "bad_json"),
+    "bad_utf8_line": record(
+        ("file", "prompts", "chat"), records([b'{"text": "\xff"}\n']), "invalid_utf8"
+    ),
+    # a llama2.c file whose header disagrees with its size (a half-copied download)
+    "l2c_cut": refused(("l2c",), file_case(lambda ctx, p: (
+        p.write_bytes(ctx.good.read_bytes()[:-12]), p)[1])),
+    "l2c_tok_cut": refused(("l2ctok",), file_case(lambda ctx, p: (
+        p.write_bytes(ctx.good.read_bytes()[:-3]), p)[1])),
     "long_line": record(("file",), long_line, "line_too_long"),
     "gzip_cut": record(("file",), cut_stream(".gz"), "truncated_file"),
     "zstd_cut": record(("file",), cut_stream(".zst"), "truncated_file"),

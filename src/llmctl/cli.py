@@ -321,7 +321,9 @@ def pretrain(
         Path | None, typer.Argument(help="Tokens artifact (from `llmctl tokenize`).")
     ] = None,
     out: OutOpt = None,
-    preset: _opt("--preset", "Model preset: tiny, small, gpt2-124m, llama-style.", str) = None,
+    preset: _opt(
+        "--preset", "Model preset: tiny, mini, small, gpt2-124m, llama-style.", str
+    ) = None,
     objective: _opt("--objective", "causal (next token) or mlm (masked LM).", str) = None,
     steps: StepsOpt = None,
     batch_size: BatchSizeOpt = None,
@@ -452,6 +454,57 @@ def lora(
     )  # fmt: skip
     verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), need_out(out), cfg,
              force=force)  # fmt: skip
+
+
+@command
+def distill(
+    data: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Tokens artifact (logit, feature) or prompts JSONL: {'prompt'} or "
+            "{'messages'} a line (sequence, api)."
+        ),
+    ] = None,
+    teacher: _opt(
+        "--teacher",
+        "Teacher checkpoint; for api an http(s)://.../v1 URL; for sequence/api also a JSONL "
+        "of {'prompt', 'response'}.",
+        str,
+    ) = None,
+    out: OutOpt = None,
+    kind: _opt("--kind", "logit, feature, sequence or api.", str) = None,
+    student: _opt("--student", "Student checkpoint to start from.", Path) = None,
+    student_preset: _opt(
+        "--student-preset", "A fresh student of this preset (e.g. mini).", str
+    ) = None,
+    tokenizer: _opt(
+        "--tokenizer", "Student tokenizer for api with a preset (tokens or checkpoint).", Path
+    ) = None,
+    steps: StepsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    compile: CompileOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Teach a smaller student from a teacher: logits, hidden features, answers, or an API.
+
+    Rerun the same command to resume (API answers already received are not asked again).
+    """
+    from llmctl.commands import distill as verb
+
+    cfg = resolve(
+        verb.DistillConfig, config, sets, show_config, kind=kind, student_preset=student_preset,
+        **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
+    )  # fmt: skip
+    verb.run(data or [], need_out(out), cfg, teacher=need(teacher, "--teacher"), student=student,
+             tokenizer=tokenizer, force=force)  # fmt: skip
 
 
 @command

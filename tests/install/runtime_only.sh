@@ -70,6 +70,20 @@ step lora model tokens --out adapter --steps 3 --batch-size 2 --seq-len 32 --dev
 step lora model "$root/recipes/data/sft/identity.jsonl" --out adapter-chat --steps 2 --batch-size 2 --device cpu
 step lora model --merge adapter --out merged
 step generate model --adapter adapter --prompt "ROMEO:" --max-new-tokens 8
+# distill: each kind; the api kind needs httpx (a core dependency). Its teacher here is a
+# closed local port, so every prompt fails after its retries: exit 2, one line, no artifact.
+student=(--student-preset tiny --set model.n_layer=1 --steps 2 --batch-size 2 --seq-len 32 --device cpu)
+step distill tokens --teacher model --kind logit --out d-logit "${student[@]}"
+step distill tokens --teacher model --kind feature --out d-feature "${student[@]}"
+printf '{"prompt": "ROMEO:"}\n{"prompt": "JULIET:"}\n' > prompts.jsonl
+step distill prompts.jsonl --teacher model --kind sequence --out d-seq "${student[@]}" \
+  --set gen.max_new_tokens=8 --set val_fraction=0
+test -s d-seq/responses.jsonl
+rc=0
+"$llmctl" distill prompts.jsonl --teacher http://127.0.0.1:9/v1 --kind api --tokenizer tokens \
+  --out d-api "${student[@]}" --set api.retries=0 --set api.timeout=2 --quiet 2>api.err || rc=$?
+grep -q "no prompt got an answer" api.err && test "$rc" -eq 2 && test ! -e d-api \
+  || { echo "runtime-only: distill --kind api did not fail cleanly (rc $rc)"; cat api.err; exit 1; }
 step quantize model --out model-int4 --method int4 --set eval_tokens=1024 --set decode_tokens=4
 step quantize model --out model-static --method static --calib tokens --set decode_tokens=4
 step generate model-int4 --prompt "ROMEO:" --max-new-tokens 8

@@ -149,6 +149,13 @@ def _load(cfg: GenerateConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any]:
             draft = load_model(cfg.draft, device, dtype)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if draft is not None:
+        for m, where in ((model, checkpoint), (draft, cfg.draft)):
+            if not getattr(m, "can_rollback", True):
+                raise UsageError(
+                    f"{where}: --draft needs a cache that can roll back; "
+                    f"{type(m).__name__}'s recurrent state cannot (generate without --draft)"
+                )
     if dtype is not None:
         model.to(dtype)
     tok = load_tokenizer(checkpoint)

@@ -30,11 +30,15 @@ from llmctl.train.settings import COSMETIC, TrainSettings
 class PretrainConfig(TrainSettings):
     """Settings of `llmctl pretrain`: the shared training keys plus the model to build."""
 
-    preset: str = helpful("small", "model preset: tiny, small, gpt2-124m, llama-style")
+    preset: str = helpful(
+        "small",
+        "model preset: tiny, mini, small, gpt2-124m, llama-style (GPT); rwkv-tiny, rwkv-small",
+    )
     model: dict[str, Any] = helpful(
         {},
         "overrides of the preset's fields, e.g. model.n_layer=4, model.pos='alibi' "
-        "(vocab_size comes from the tokenizer)",
+        "(vocab_size comes from the tokenizer); model.arch='rwkv' picks RWKV-4 "
+        "(preset small → rwkv-small)",
     )
     objective: Literal["causal", "mlm"] = helpful(
         "causal", "causal: next-token LM; mlm: BERT masked LM (makes the model bidirectional)"
@@ -46,20 +50,36 @@ class PretrainConfig(TrainSettings):
     )
 
 
-def build_model_config(cfg: PretrainConfig, vocab_size: int) -> Any:
-    """The GPTConfig: preset < `model.*` overrides; vocab from the tokenizer; mlm → bidirectional
-    unless `model.causal` is given (and then the objective refuses a causal model)."""
-    from llmctl.model.gpt import PRESETS, preset
+ARCHS = ("gpt", "rwkv")
 
-    if cfg.preset not in PRESETS:
-        raise UsageError(f"config key 'preset': {cfg.preset!r} is not one of {', '.join(PRESETS)}")
-    if "vocab_size" in cfg.model:
-        raise UsageError("config key 'model.vocab_size': set by the tokenizer, not configurable")
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int) -> Any:
+    """The model config (GPTConfig or RWKVConfig): preset < `model.*` overrides; vocab from the
+    tokenizer; mlm → bidirectional unless `model.causal` is given (and then the objective
+    refuses a causal model). The architecture is `model.arch`, else the preset's."""
+    from llmctl.model import gpt, rwkv
+
+    presets = {**{n: gpt for n in gpt.PRESETS}, **{n: rwkv for n in rwkv.PRESETS}}
     overrides = dict(cfg.model)
+    arch = overrides.pop("arch", "rwkv" if cfg.preset in rwkv.PRESETS else "gpt")
+    if arch not in ARCHS:
+        raise UsageError(f"config key 'model.arch': {arch!r} is not one of {', '.join(ARCHS)}")
+    name = cfg.preset
+    if arch == "rwkv" and name in gpt.PRESETS and f"rwkv-{name}" in rwkv.PRESETS:
+        name = f"rwkv-{name}"  # --set model.arch=rwkv with the default preset
+    if name not in presets:
+        raise UsageError(f"config key 'preset': {cfg.preset!r} is not one of {', '.join(presets)}")
+    module = presets[name]
+    if (module is rwkv) != (arch == "rwkv"):
+        raise UsageError(f"config key 'model.arch': {arch!r} does not fit preset {name!r}")
+    if "vocab_size" in overrides:
+        raise UsageError("config key 'model.vocab_size': set by the tokenizer, not configurable")
     if cfg.objective == "mlm":
+        if arch == "rwkv":
+            raise UsageError("config key 'objective': an RWKV model is causal; mlm needs a GPT")
         overrides.setdefault("causal", False)
     try:
-        return preset(cfg.preset, **overrides, vocab_size=vocab_size)
+        return module.preset(name, **overrides, vocab_size=vocab_size)
     except (TypeError, ValueError) as e:
         raise UsageError(f"config key 'model': {e}") from e
 
@@ -67,8 +87,7 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int) -> Any:
 def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -> dict[str, Any]:
     """Train on `tokens_dir` and publish a checkpoint at `out`; returns the manifest stats."""
     from llmctl.data.tokens import TokenStream
-    from llmctl.model.gpt import GPT
-    from llmctl.model.io import save_checkpoint
+    from llmctl.model.io import build_model, save_checkpoint
     from llmctl.tokenizer import load_specials, load_tokenizer
     from llmctl.train import distributed
     from llmctl.train.batches import StepBatches
@@ -109,7 +128,7 @@ def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -
         val = None
 
     seed_everything(cfg.seed)
-    model = init[0].to(world.device) if init else GPT(mcfg).to(world.device)
+    model = init[0].to(world.device) if init else build_model(mcfg).to(world.device)
     batches = StepBatches(
         train_stream.sample, accum=cfg.grad_accum, rank=world.rank, world=world.size
     )
@@ -118,7 +137,8 @@ def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -
     if world.main:
         n = model.num_params(non_embedding=False)
         what = f"--init {cfg.init}" if init else cfg.preset
-        info(f"pretrain: {what} ({n / 1e6:.2f}M params), {cfg.objective}, "
+        info(f"pretrain: {type(model).__name__} {what} ({n / 1e6:.2f}M params), "
+             f"{cfg.objective}, "
              f"{world.size} × {world.device}, {cfg.steps:,} steps × {step_tokens:,} "
              "tokens")  # fmt: skip
     tokenizer_files = {n: tokens.path / n for n in ("tokenizer.json", "tokenizer_config.json")}

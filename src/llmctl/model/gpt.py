@@ -142,6 +142,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=8192, n_layer=6, n_head=6, d_model=384, d_ff=1024,
         max_seq_len=256, norm="rmsnorm", mlp="swiglu", pos="rope",
     ),
+    # About a quarter of small's parameters (3.3M of 13.8M with an 8K vocabulary; 1.8M
+    # non-embedding): the student that `distill` benchmarks against a small teacher.
+    "mini": dict(
+        vocab_size=8192, n_layer=4, n_head=6, d_model=192, d_ff=512,
+        max_seq_len=256, norm="rmsnorm", mlp="swiglu", pos="rope",
+    ),
     # GPT-2 small, weight-compatible with transformers' GPT2LMHeadModel (see model/hf.py).
     "gpt2-124m": dict(
         vocab_size=50257, n_layer=12, n_head=12, d_model=768, d_ff=3072,
@@ -170,6 +176,8 @@ class KVCache:
     `length` slots are filled; a forward call with `cache=` writes its T new slots at `length`
     and advances it. Build one with `GPT.make_cache`.
     """
+
+    can_rollback = True
 
     def __init__(
         self,
@@ -423,6 +431,22 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def relayout_linears(model: nn.Module, batch_size: int) -> None:
+    """Give every plain `nn.Linear` of `model` the weight layout that decoding `batch_size`
+    rows reads fastest (see `GPT.use_decode_layout`, which explains why); any model may call it."""
+    # made outside inference mode, so the model can still be trained afterwards
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.modules():
+            if type(module) is not nn.Linear or type(module.weight.data) is not torch.Tensor:
+                continue  # swapped modules (LoRA, quantized) and sharded (DTensor) weights
+            w = module.weight.data
+            if w.device.type == "cpu" and w.dtype == torch.float32 and batch_size <= 2:
+                if not w.t().is_contiguous():
+                    module.weight.data = w.t().contiguous().t()
+            elif not w.is_contiguous():
+                module.weight.data = w.contiguous()
+
+
 class GPT(nn.Module):
     """Token embedding → `n_layer` pre-norm blocks → final norm → lm head.
 
@@ -546,17 +570,7 @@ class GPT(nn.Module):
         a little faster (3-10% at 8 rows) row-major, as are bfloat16/float16 (oneDNN) and GPU
         kernels: there the weights are made contiguous again (~0.15 s for 124M weights).
         """
-        # made outside inference mode, so the model can still be trained afterwards
-        with torch.inference_mode(False), torch.no_grad():
-            for module in self.modules():
-                if type(module) is not nn.Linear or type(module.weight.data) is not torch.Tensor:
-                    continue  # swapped modules (LoRA, quantized) and sharded (DTensor) weights
-                w = module.weight.data
-                if w.device.type == "cpu" and w.dtype == torch.float32 and batch_size <= 2:
-                    if not w.t().is_contiguous():
-                        module.weight.data = w.t().contiguous().t()
-                elif not w.is_contiguous():
-                    module.weight.data = w.contiguous()
+        relayout_linears(self, batch_size)
 
     def forward(
         self,

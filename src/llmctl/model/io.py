@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmctl.model.gpt import GPT, GPTConfig
+from llmctl.model.rwkv import RWKV, RWKVConfig
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -106,6 +107,7 @@ def model_type_of(model: nn.Module) -> ModelType:
 
 
 register_model(MODEL_TYPE, GPTConfig, GPT, ("LlmctlGPT",))
+register_model("llmctl-rwkv", RWKVConfig, RWKV, ("LlmctlRWKV",))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -696,6 +696,11 @@ def _check_causal(model: LanguageModel, draft: LanguageModel | None) -> None:
         raise ValueError("this is a masked-LM checkpoint: use fill_masks, not generation")
     if draft is not None and not draft.config.causal:
         raise ValueError("the draft model must be causal")
+    for m in (model, draft) if draft is not None else ():
+        # speculation crops rejected tokens from the cache; a cache that cannot is refused
+        if not getattr(m, "can_rollback", True):
+            raise ValueError(f"speculative decoding needs a cache that can roll back; "
+                             f"{type(m).__name__}'s recurrent state cannot")  # fmt: skip
 
 
 def _decode_layout(model: LanguageModel, draft: LanguageModel | None, rows: int) -> None:
