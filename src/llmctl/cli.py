@@ -537,6 +537,39 @@ def eval(
 
 
 @command
+def quantize(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact directory (float weights).")
+    ] = None,
+    out: OutOpt = None,
+    method: _opt("--method", "int8, int4, dynamic, static or qat.", str) = None,
+    calib: _opt(
+        "--calib", "Calibration data: tokens artifact or documents (static; qat: tokens).", Path
+    ) = None,
+    eval_data: _opt(
+        "--eval", "Report data (default: the val split the base was trained on).", Path
+    ) = None,
+    group_size: _opt("--group-size", "int4: inputs per scale (default 64).") = None,
+    bits: _opt("--bits", "qat: 4 or 8.") = None,
+    steps: _opt("--steps", "qat: optimizer steps.") = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Quantize a checkpoint (int8/int4 weight-only, dynamic, static, QAT) and report
+    file size, val loss, bits per byte and decode speed before and after."""
+    from llmctl.commands import quantize as verb
+
+    cfg = resolve(
+        verb.QuantizeConfig, config, sets, show_config,
+        method=method, group_size=group_size, bits=bits, steps=steps,
+    )  # fmt: skip
+    verb.run(need(checkpoint, "CHECKPOINT"), need_out(out), cfg, calib, eval_data, force=force)
+
+
+@command
 def generate(
     checkpoint: Annotated[
         Path | None, typer.Argument(help="Checkpoint artifact directory.")

@@ -84,4 +84,8 @@ rc=0
   --out d-api "${student[@]}" --set api.retries=0 --set api.timeout=2 --quiet 2>api.err || rc=$?
 grep -q "no prompt got an answer" api.err && test "$rc" -eq 2 && test ! -e d-api \
   || { echo "runtime-only: distill --kind api did not fail cleanly (rc $rc)"; cat api.err; exit 1; }
+step quantize model --out model-int4 --method int4 --set eval_tokens=1024 --set decode_tokens=4
+step quantize model --out model-static --method static --calib tokens --set decode_tokens=4
+step generate model-int4 --prompt "ROMEO:" --max-new-tokens 8
+step eval model-static tokens
 echo "runtime-only: every command ran from a plain install"

@@ -29,7 +29,7 @@ import torch
 from llmctl.artifacts import building, is_artifact, open_artifact
 from llmctl.config import helpful, nested, to_dict
 from llmctl.errors import UsageError
-from llmctl.runtime import human_bytes, summary
+from llmctl.runtime import human_bytes, summary, warn
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -92,6 +92,18 @@ def run(checkpoint: Path, out: Path, cfg: ExportConfig, force: bool = False) -> 
     from llmctl.model.gpt import GPT
     from llmctl.model.hf import hf_layout
 
+    quantized = getattr(model, "quantization", None)
+    if quantized is not None:
+        # neither layout stores our integer blocks: export the dequantized weights (GGUF's
+        # q8_0/q4_0, symmetric blocks of 32 with fp16 scales, are requantized from them)
+        from llmctl.model.quant import dequantize_model
+
+        dequantize_model(model)
+        warn(
+            f"{checkpoint} is quantized ({quantized['method']}): exporting its dequantized "
+            f"weights{', requantized to ' + cfg.gguf.type if cfg.format == 'gguf' else ''}"
+        )
+
     if type(model) is not GPT:
         raise UsageError(
             f"{checkpoint}: a {type(model).__name__} model; only GPT checkpoints export"
@@ -150,6 +162,7 @@ def run(checkpoint: Path, out: Path, cfg: ExportConfig, force: bool = False) -> 
                 "sources": sources,
                 "params": model.num_params(non_embedding=False),
                 "bytes": total,
+                "dequantized_from": None if quantized is None else quantized["method"],
                 **extra,
             }
         )

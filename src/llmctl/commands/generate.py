@@ -130,8 +130,15 @@ def _load(cfg: GenerateConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any]:
             adapter = Path(cfg.adapter)
             if is_artifact(adapter):
                 open_artifact(adapter, "adapter")
-            merged = merge_adapter(model, adapter, base_digest=ckpt.digest)
-            info(f"merged adapter {adapter} into {len(merged)} linear layers")
+            if getattr(model, "quantization", None) is not None:
+                # a quantized base stays quantized: the adapter runs beside it (QLoRA)
+                from llmctl.model.adapter import load_adapter
+
+                live = load_adapter(model, adapter, base_digest=ckpt.digest)
+                info(f"adapter {adapter} on {len(live)} quantized layers (not merged)")
+            else:
+                merged = merge_adapter(model, adapter, base_digest=ckpt.digest)
+                info(f"merged adapter {adapter} into {len(merged)} linear layers")
         if cfg.draft:
             dm = open_artifact(cfg.draft, "checkpoint")
             sha = [m.files.get("tokenizer.json", {}).get("sha256") for m in (ckpt, dm)]

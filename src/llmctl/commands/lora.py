@@ -306,6 +306,17 @@ def merge(checkpoint: Path, adapter: Path, out: Path, force: bool = False) -> di
         open_artifact(adapter, "adapter")
     try:
         model = load_model(checkpoint)
+        quantized = getattr(model, "quantization", None)
+        if quantized is not None:
+            # no exact merge into integers: merge into the dequantized weights instead
+            from llmctl.model.quant import dequantize_model
+
+            dequantize_model(model)
+            method = quantized["method"]
+            warn(
+                f"{checkpoint} is quantized ({method}): the adapter is merged into its "
+                "dequantized weights; the result is a full-precision checkpoint"
+            )
         merged = merge_adapter(model, adapter, base_digest=ckpt.digest)
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -484,7 +484,12 @@ class GPT(nn.Module):
     def tie_weights(self) -> None:
         """Share the token embedding with the lm head when the config ties them (again after
         a load that assigned them as two tensors)."""
-        if self.config.tie_embeddings and self.config.head == "lm":
+        # a quantized tied head (model/quant.py) reads the int8 embedding table itself
+        if (
+            self.config.tie_embeddings
+            and self.config.head == "lm"
+            and isinstance(self.lm_head, nn.Linear)
+        ):
             self.lm_head.weight = self.tok_emb.weight
 
     def _init_weights(self) -> None:

@@ -276,6 +276,11 @@ def load_model(
                     )
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise ValueError(f"{path}: tensor {name} has NaN or infinite values")
+                if not tensor.is_floating_point() and tensor.data_ptr() % 64:
+                    # torch's int8/int4 CPU kernels assume 64-byte aligned weights (an
+                    # unaligned int8 table segfaults _weight_int8pack_mm in bf16 for >= 4
+                    # rows), and a tensor read from the file can start anywhere.
+                    tensor = tensor.clone()
                 state[name] = tensor
     except FileNotFoundError:
         raise ValueError(f"{path}: not found") from None
