@@ -10,6 +10,7 @@ the existing tests show the local output does not depend on the worker count.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
@@ -218,3 +219,31 @@ def test_partitioned_band_pairs_equal_lsh_edges(parts: int) -> None:
     gi, gj, n = dd.near_pairs(sig, nodes, 6, 4, 0.5, True)
     assert n == len(ok) + len(bad) and np.array_equal(dd.unpack_pairs(ok)[0], gi)
     assert np.array_equal(dd.unpack_pairs(ok)[1], gj)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["clean", "dedup", "tokenize"])
+def test_bad_input_on_ray_is_one_line_and_nothing_published(
+    ray_cpus2: None, web_input: Path, tmp_path: Path, command: str
+) -> None:
+    """The bad-input table of docs/design.md holds with --engine ray: file and artifact faults
+    are one line naming the file (exit 2), a record fault under --strict names file:line, and
+    nothing is published (the record-level skip is in the byte-identical tests above)."""
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    art = tmp_path / "docs"
+    art.mkdir()
+    (art / "manifest.json").write_text("{")
+    extra = ["--vocab-size", "300"] if command == "tokenize" else []
+    cases = [
+        ([fifo], str(fifo)),
+        ([art], str(art / "manifest.json")),
+        ([web_input / "zz_bad.jsonl", "--strict"], f"{web_input / 'zz_bad.jsonl'}:2"),
+    ]
+    for i, (args, named) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        code, output = cli(command, *args, "--out", out, "--engine", "ray", "-q", *extra)
+        lines = output.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and named in lines[0], output
+        assert "Traceback" not in output and not out.exists()
+        assert not (tmp_path / f".out{i}.partial").exists()

@@ -36,6 +36,7 @@ from typing import Any
 
 from llmctl.config import helpful
 from llmctl.errors import UsageError
+from llmctl.files import read_bytes
 
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages
 
@@ -295,7 +296,7 @@ def read_answer_file(path: Path) -> list[tuple[Prompt, str]]:
     a UsageError naming it (the file is the teacher: it must be whole)."""
     out: list[tuple[Prompt, str]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_bytes(path, what="answers file").decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not valid UTF-8") from None
     for n, line in enumerate(lines, start=1):

@@ -66,6 +66,7 @@ from llmctl.data.docs import (
     load_json_line,
 )
 from llmctl.errors import UsageError
+from llmctl.files import check_regular, read_bytes
 
 CHAT_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
 SHAPES = ("messages", "prompt_response", "prompt_completion", "alpaca")
@@ -138,14 +139,17 @@ def resolve_chat_files(paths: Iterable[Path | str]) -> list[Path]:
             found = sorted(
                 f
                 for f in p.rglob("*")
-                if f.is_file()
+                if not f.is_dir()
                 and _has_suffix(f, CHAT_SUFFIXES)
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
+            for f in found:  # a pipe or device named like data is refused, never opened
+                check_regular(f)
             if not found:
                 raise UsageError(f"{p}: folder holds no {', '.join(CHAT_SUFFIXES)} files")
             out += found
         elif _has_suffix(p, CHAT_SUFFIXES):
+            check_regular(p)
             out.append(p)
         else:
             raise UsageError(
@@ -205,9 +209,7 @@ def iter_records(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Any] | 
     lower = path.name.lower()
     if lower.endswith((".json", ".json.gz")):
         try:
-            data = (
-                gzip.decompress(path.read_bytes()) if lower.endswith(".gz") else path.read_bytes()
-            )
+            data = gzip.decompress(read_bytes(path)) if lower.endswith(".gz") else read_bytes(path)
             text = data.decode("utf-8").lstrip("\ufeff")
         except (OSError, EOFError) as e:
             yield BadRecord(name, 0, "truncated_file", f"{type(e).__name__}: {e}"[:EXCERPT_CHARS])

@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llmctl.files import check_regular
 from llmctl.model.hf import hf_module_names, maybe_hf_layout
 from llmctl.model.lora import add_lora, lora_layers, lora_settings
 
@@ -181,6 +182,8 @@ def read_adapter_config(dir: Path | str) -> dict[str, Any]:
     """`adapter_config.json`, checked: peft_type LORA, r > 0, lora_alpha a number,
     target_modules given, bias none."""
     path = Path(dir) / CONFIG_FILE
+    if path.exists() or path.is_symlink():
+        check_regular(path, "adapter config")  # a pipe or device is refused, never opened
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from llmctl.files import check_regular
 from llmctl.model.gpt import GPT, GPTConfig
 
 if TYPE_CHECKING:
@@ -301,6 +302,8 @@ def read_hf_config(dir: str | Path) -> tuple[str, GPTConfig, dict[str, Any]]:
     """(layout, our GPTConfig, the raw config.json) of a transformers folder; ValueError naming
     config.json and the key for anything llmctl cannot compute exactly."""
     path = Path(dir) / "config.json"
+    if path.exists() or path.is_symlink():
+        check_regular(path, "config.json")  # a pipe or device is refused, never opened
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -428,6 +431,7 @@ def weight_files(dir: str | Path) -> list[Path]:
         return [single]
     if index.is_file():
         try:
+            check_regular(index, "safetensors index")
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             files = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):

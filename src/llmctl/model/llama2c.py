@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmctl.files import check_regular, open_regular, read_bytes
 from llmctl.model.gpt import GPT, GPTConfig
 
 MAGIC = 0x616B3432  # "ak42"
@@ -124,8 +125,8 @@ def read_header(path: str | Path) -> Header:
     is implausible or disagrees with the file's size."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        size = check_regular(path, "llama2.c model").st_size
+        with open_regular(path, "llama2.c model") as f:
             head = f.read(HEADER_V12)
     except FileNotFoundError:
         raise ValueError(f"{path}: not found") from None
@@ -281,7 +282,7 @@ def read_tokenizer(path: str | Path, vocab_size: int) -> Vocab:
     ValueError naming the file when it is truncated, too long or not UTF-8."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bytes(path, what="llama2.c tokenizer")
     except FileNotFoundError:
         raise ValueError(f"{path}: not found") from None
     if len(data) < 4:
