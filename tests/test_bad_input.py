@@ -142,6 +142,9 @@ TINY = ("--preset", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "1
 TINY += ("--device", "cpu")
 ONE_TOKEN = ("--max-new-tokens", "1", "--device", "cpu", "-q")
 ONE_STEP = ("--steps", "1", "--batch-size", "2", "--device", "cpu", "-q")
+# static quantization reading all of its calibration data (so a fault at the end is reached)
+QUANT = ("--method", "static", "--set", "eval_tokens=64", "--set", "decode_tokens=2",
+         "--set", "calib_tokens=100000000", "-q", "--calib")  # fmt: skip
 
 ROWS: dict[str, Row] = {
     "clean": Row(
@@ -217,6 +220,15 @@ ROWS: dict[str, Row] = {
         {"model": Slot(("l2c",)), "tokenizer": Slot(("l2ctok",))},
         lambda a, out: ["import", "llama2c", a["model"], a["tokenizer"], "--out", out, "-q"],
         strict=(),
+    ),
+    # quantize static: the checkpoint, and calibration data (tokens, documents or a file)
+    "quantize": Row(
+        {
+            "checkpoint": Slot(("checkpoint",), CKPT_CASES),
+            "calib": Slot(("tokens", "docs", "file"), (*TOKEN_CASES, *DATA_CASES)),
+        },
+        lambda a, out: ["quantize", a["checkpoint"], "--out", out, *QUANT, a["calib"]],
+        strict=("--set", "strict=true"),
     ),
     # distill (logit): the teacher's tokenizer.json is compared by hash with the data's, not
     # parsed; the data's tokenizer files are parsed

@@ -97,7 +97,7 @@ def spec_of(cfg: QuantizeConfig) -> Any:
 
 
 def _tokens_ids(tokens: Path, checkpoint: Path, split: str, limit: int) -> np.ndarray:
-    from llmctl.data.tokens import read_shard, split_shards
+    from llmctl.data.tokens import check_ids, read_header, read_shard, split_shards
 
     m = open_artifact(tokens, "tokens")
     ours = open_artifact(checkpoint, "checkpoint", verify=False).files["tokenizer.json"]
@@ -106,6 +106,7 @@ def _tokens_ids(tokens: Path, checkpoint: Path, split: str, limit: int) -> np.nd
     parts, n = [], 0
     for p in split_shards(m.path, split):
         parts.append(np.asarray(read_shard(p)))
+        check_ids(p, parts[-1], read_header(p).vocab_size)  # an id past the vocab fails here
         n += len(parts[-1])
         if limit and n >= limit:
             break
@@ -130,6 +131,8 @@ def read_ids(
     bad = 0
     for doc in iter_docs([data], cfg):
         if isinstance(doc, BadRecord):
+            if cfg.strict:
+                raise UsageError(f"{doc.where}: {doc.reason}")
             bad += 1
             continue
         ids.extend([*encode(tok, doc.text), eos])
