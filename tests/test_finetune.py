@@ -301,3 +301,28 @@ def test_greedy_chat_on_a_held_out_instruction_ends_its_turn(base: Path, tmp_pat
     assert r.exit_code == 0, r.output
     (row,) = [json.loads(x) for x in (tmp_path / "gen" / "samples.jsonl").read_text().splitlines()]
     assert row["finish_reason"] == "stop" and row["completion_tokens"] < 24
+
+
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_qat_finetune_publishes_the_exact_weight_only_quantized_checkpoint(
+    base: Path, chats: Path, tmp_path: Path, bits: str
+) -> None:
+    """`finetune --set qat=int4|int8` trains through fake-quantized Linears and publishes the
+    weight-only quantized checkpoint whose outputs are what the fake-quant training saw."""
+    from llmctl.model.io import load_model
+    from llmctl.model.quant import FakeQuantLinear
+
+    out = tmp_path / "qat"
+    r = llmctl("finetune", base, chats, "--out", out, *FAST, "--steps", 6, "--lr", 3e-3,
+               "--set", f"qat={bits}")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"]["method"] == bits
+    model = load_model(out)
+    assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())
+    qtypes = {str(t.dtype) for n, t in model.state_dict().items() if n.endswith("qweight")}
+    # int4 packs two values a byte (uint8); the embedding is int8 per row either way
+    assert qtypes == ({"torch.int8", "torch.uint8"} if bits == "int4" else {"torch.int8"})
+    r = llmctl("generate", out, "--chat", "--prompt", "Hi", "--max-new-tokens", 4, "--device",
+               "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output

@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -47,6 +47,11 @@ class FinetuneConfig(TrainSettings, ChatDataConfig):
     weight_decay: float = helpful(0.0, "AdamW weight decay (matrices only)")
     eval_every: int = helpful(50, "validation every N steps (0 = only before and at the end)")
     save_every: int = helpful(50, "save resumable state every N steps (0 = only at the end)")
+    qat: Literal["", "int4", "int8"] = helpful(
+        "",
+        "quantization-aware SFT: train with fake int4/int8 weights, publish the exact "
+        "weight-only quantized checkpoint (as `quantize --method qat`)",
+    )
 
     def __post_init__(self) -> None:
         # steps = 0 means "from epochs"; the shared checks want >= 1 for a real count.
@@ -61,6 +66,21 @@ class FinetuneConfig(TrainSettings, ChatDataConfig):
         finally:
             object.__setattr__(self, "steps", steps)
         ChatDataConfig.__post_init__(self)
+
+
+def _qat(model: torch.nn.Module, cfg: FinetuneConfig, world: Any) -> Any:
+    """With `qat` set: make the block Linears fake-quantized (int4 group-wise or int8 per
+    channel, straight-through gradients) and return the spec to convert with at save."""
+    if not cfg.qat:
+        return None
+    from llmctl.model.quant import QuantSpec, apply_qat
+
+    if world.size > 1:
+        raise UsageError("config key 'qat': quantization-aware finetuning runs in one process")
+    spec = QuantSpec("qat", bits=4 if cfg.qat == "int4" else 8)
+    n = apply_qat(model, spec)
+    info(f"finetune: qat, {n} Linear layers fake-quantized to {cfg.qat}")
+    return spec
 
 
 def run(
@@ -109,7 +129,9 @@ def run(
         warn("no validation: too few examples to hold any out (val_fraction)")
 
     base_dtype = next(model.parameters()).dtype  # the output keeps it; training is fp32
-    model = model.float().to(world.device)
+    model = model.float()
+    qspec = _qat(model, cfg, world)
+    model = model.to(world.device)
     batches = StepBatches(rows.sample, accum=cfg.grad_accum, rank=world.rank, world=world.size)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in COSMETIC}
     files = sets.files
@@ -127,7 +149,12 @@ def run(
         extra: dict[str, Path | bytes] = {"tokenizer.json": checkpoint / "tokenizer.json"}
         if tokenizer_config is not None:
             extra["tokenizer_config.json"] = tokenizer_config
-        save_checkpoint(dir, final.to(base_dtype), extra)
+        final = final.to(base_dtype)
+        if qspec is not None:  # fake-quant layers become their exact weight-only form
+            from llmctl.model.quant import quantize
+
+            quantize(final.cpu(), qspec)
+        save_checkpoint(dir, final, extra)
         write_rejected(dir, sets.data.rejected)
 
     def stats(result: Any) -> dict[str, Any]:
