@@ -299,6 +299,7 @@ LrOpt = _opt("--lr", "Peak learning rate.", float)
 SeedOpt = _opt("--seed", "Seed of init, data order and every random draw.")
 DeviceOpt = _opt("--device", "auto, cpu or cuda.", str)
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+EpochsOpt = _opt("--epochs", "Passes over the training examples (instead of --steps).", float)
 
 
 def training_options(
@@ -367,9 +368,7 @@ def finetune(
     ] = None,
     out: OutOpt = None,
     steps: StepsOpt = None,
-    epochs: _opt(
-        "--epochs", "Passes over the training examples (instead of --steps).", float
-    ) = None,
+    epochs: EpochsOpt = None,
     batch_size: BatchSizeOpt = None,
     seq_len: SeqLenOpt = None,
     lr: LrOpt = None,
@@ -422,6 +421,7 @@ def lora(
         "--targets", "Layers to adapt, comma-separated: q_proj..lm_head, attn, mlp, all.", str
     ) = None,
     steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
     batch_size: BatchSizeOpt = None,
     seq_len: SeqLenOpt = None,
     lr: LrOpt = None,
@@ -449,9 +449,11 @@ def lora(
     cfg = resolve(
         verb.LoraConfig, config, sets, show_config,
         rank=rank, alpha=alpha, dropout=dropout, targets=targets.split(",") if targets else None,
-        strict=strict or None,
+        strict=strict or None, epochs=epochs,
         **training_options(steps, batch_size, seq_len, lr, seed, device, compile),
     )  # fmt: skip
+    if steps is not None and epochs is not None:
+        raise UsageError("give --steps or --epochs, not both")
     verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), need_out(out), cfg,
              force=force)  # fmt: skip
 
