@@ -193,11 +193,10 @@ def _run_logits(
     data: list[Path], out: Path, cfg: DistillConfig, *, teacher: Path, student: Path | None,
     force: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    from llmctl.data.tokens import TokenStream
     from llmctl.model.gpt import GPT
     from llmctl.tokenizer import load_specials
     from llmctl.train import distributed
-    from llmctl.train.batches import StepBatches
+    from llmctl.train.batches import StepBatches, token_streams
     from llmctl.train.distill import FeatureDistill, LogitDistill, layer_map
     from llmctl.train.run import train_and_publish
 
@@ -252,20 +251,11 @@ def _run_logits(
 
     span = seq_len + objective.extra_tokens - 1
 
-    def stream(split: str) -> TokenStream:
-        return TokenStream(tokens.path, split, cfg.batch_size, span, cfg.seed, verify=False)
-
-    train_stream = stream("train")
-    if train_stream.vocab_size > vocab or train_stream.eos_id != specials.eos:
-        raise UsageError(f"{tokens.path}: shards do not match the teacher's vocabulary")
-    try:
-        val_stream = stream("val")
-        val = lambda: (  # noqa: E731
-            {"tokens": torch.from_numpy(x)} for x in val_stream.sequential(cfg.eval_batches)
-        )
-    except UsageError as e:
-        warn(f"no validation: {e}")
-        val = None
+    train_stream, val = token_streams(
+        tokens.path, batch_size=cfg.batch_size, span=span, seed=cfg.seed,
+        eval_batches=cfg.eval_batches, eos_id=specials.eos, vocab_size=vocab,
+        reader="the teacher's vocabulary",
+    )  # fmt: skip
     batches = StepBatches(
         train_stream.sample, accum=cfg.grad_accum, rank=world.rank, world=world.size
     )

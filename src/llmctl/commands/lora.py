@@ -191,8 +191,8 @@ def _data(
 def _token_data(
     path: Path, ckpt: Any, cfg: LoraConfig, seq_len: int, world: Any
 ) -> tuple[Any, Any, dict[str, Any]]:
-    from llmctl.data.tokens import TokenStream
     from llmctl.tokenizer import load_specials
+    from llmctl.train.batches import token_streams
 
     tokens = open_artifact(path, "tokens")
     if cfg.epochs:
@@ -201,20 +201,10 @@ def _token_data(
         raise UsageError(f"{path}: its tokenizer.json differs from the checkpoint's {ckpt.path}")
     specials = load_specials(ckpt.path)
 
-    def stream(split: str) -> TokenStream:
-        return TokenStream(tokens.path, split, cfg.batch_size, seq_len, cfg.seed, verify=False)
-
-    train_stream = stream("train")
-    if train_stream.eos_id != specials.eos:
-        raise UsageError(f"{tokens.path}: shards do not match the checkpoint's tokenizer")
-    try:
-        val_stream = stream("val")
-        val = lambda: (  # noqa: E731
-            {"tokens": torch.from_numpy(x)} for x in val_stream.sequential(cfg.eval_batches)
-        )
-    except UsageError as e:
-        warn(f"no validation: {e}")
-        val = None
+    train_stream, val = token_streams(
+        tokens.path, batch_size=cfg.batch_size, span=seq_len, seed=cfg.seed,
+        eval_batches=cfg.eval_batches, eos_id=specials.eos, reader="the checkpoint's tokenizer",
+    )  # fmt: skip
     n = cfg.steps * cfg.grad_accum * world.size
     facts = {
         "digests": [tokens.digest],

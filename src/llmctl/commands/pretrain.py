@@ -22,7 +22,7 @@ import torch
 from llmctl.artifacts import open_artifact
 from llmctl.config import helpful, to_dict
 from llmctl.errors import UsageError
-from llmctl.runtime import human_bytes, info, seed_everything, summary, warn
+from llmctl.runtime import human_bytes, info, seed_everything, summary
 from llmctl.train.settings import COSMETIC, TrainSettings
 
 
@@ -86,11 +86,10 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int) -> Any:
 
 def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -> dict[str, Any]:
     """Train on `tokens_dir` and publish a checkpoint at `out`; returns the manifest stats."""
-    from llmctl.data.tokens import TokenStream
     from llmctl.model.io import build_model, save_checkpoint
     from llmctl.tokenizer import load_specials, load_tokenizer
     from llmctl.train import distributed
-    from llmctl.train.batches import StepBatches
+    from llmctl.train.batches import StepBatches, token_streams
     from llmctl.train.objectives import MaskedLM, NextToken
     from llmctl.train.run import train_and_publish
 
@@ -112,20 +111,11 @@ def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -
         objective = MaskedLM(specials.mask, vocab, special_ids=specials.all)
     span = seq_len + objective.extra_tokens - 1  # TokenStream windows are span + 1 tokens
 
-    def stream(split: str, batch_size: int) -> TokenStream:
-        return TokenStream(tokens.path, split, batch_size, span, cfg.seed, verify=False)
-
-    train_stream = stream("train", cfg.batch_size)
-    if train_stream.vocab_size > vocab or train_stream.eos_id != specials.eos:
-        raise UsageError(f"{tokens.path}: shards do not match its tokenizer.json")
-    try:
-        val_stream = stream("val", cfg.batch_size)
-        val = lambda: (  # noqa: E731
-            {"tokens": torch.from_numpy(x)} for x in val_stream.sequential(cfg.eval_batches)
-        )
-    except UsageError as e:
-        warn(f"no validation: {e}")
-        val = None
+    train_stream, val = token_streams(
+        tokens.path, batch_size=cfg.batch_size, span=span, seed=cfg.seed,
+        eval_batches=cfg.eval_batches, eos_id=specials.eos, vocab_size=vocab,
+        reader="its tokenizer.json",
+    )  # fmt: skip
 
     seed_everything(cfg.seed)
     model = init[0].to(world.device) if init else build_model(mcfg).to(world.device)

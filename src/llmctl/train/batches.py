@@ -20,10 +20,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from llmctl.data.tokens import TokenStream
 
 Source = Callable[[int], "np.ndarray | dict[str, np.ndarray]"]
 
@@ -79,3 +83,46 @@ class StepBatches(Iterator[dict[str, torch.Tensor]]):
         if (state["accum"], state["world"]) != (self.accum, self.world):
             raise ValueError("StepBatches: saved cursor is for a different accum/world size")
         self.consumed = int(state["consumed"])
+
+
+def token_streams(
+    path: Path,
+    *,
+    batch_size: int,
+    span: int,
+    seed: int,
+    eval_batches: int,
+    eos_id: int,
+    vocab_size: int | None = None,
+    reader: str = "the model's tokenizer",
+) -> tuple[TokenStream, Callable[[], Iterator[dict[str, torch.Tensor]]] | None]:
+    """A tokens artifact as training data: its train `TokenStream` (windows of span + 1
+    tokens) and a `val()` that returns fresh validation batches (None, with a warning, when
+    the artifact has no val split). The shards must end documents with `eos_id` and fit in
+    `vocab_size`; otherwise one line says they do not match `reader`.
+
+    Example:
+        train, val = token_streams(tokens.path, batch_size=8, span=256, seed=0, eval_batches=20,
+                                   eos_id=specials.eos, vocab_size=model.config.vocab_size)
+        batches = StepBatches(train.sample, accum=cfg.grad_accum)
+    """
+    from llmctl.data.tokens import TokenStream
+    from llmctl.errors import UsageError
+    from llmctl.runtime import warn
+
+    def stream(split: str) -> TokenStream:
+        return TokenStream(path, split, batch_size, span, seed, verify=False)
+
+    train = stream("train")
+    if (vocab_size is not None and train.vocab_size > vocab_size) or train.eos_id != eos_id:
+        raise UsageError(f"{path}: shards do not match {reader}")
+    try:
+        held_out = stream("val")
+    except UsageError as e:
+        warn(f"no validation: {e}")
+        return train, None
+
+    def val() -> Iterator[dict[str, torch.Tensor]]:
+        return ({"tokens": torch.from_numpy(x)} for x in held_out.sequential(eval_batches))
+
+    return train, val
