@@ -88,6 +88,27 @@ def run(
     }
 
 
+def graph_step_seconds(model: GPT, prompt_len: int, new: int) -> float:
+    """Device time of one batch-1 decoding step alone: `new` replays of the CUDA graph queued
+    back to back with one sync at the end, so the host's per-token work (choosing the token,
+    stop checks) is left out. Its gap to the end-to-end rate is that host work."""
+    from llmctl.model.sample import Runner
+
+    with torch.inference_mode():
+        best = float("inf")
+        for _ in range(2):
+            runner = Runner(model, [list(range(8, 8 + prompt_len))], new, static=True)
+            runner.prefill()
+            token = torch.full((1, 1), 9, dtype=torch.long, device="cuda")
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(new):
+                runner.feed(token)
+            torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - start) / new)
+    return best
+
+
 def cuda_rows(quick: bool) -> list[dict[str, object]]:
     """The GPU table (see the module docstring); each side warmed up, best of 3 runs."""
     import transformers
@@ -113,7 +134,11 @@ def cuda_rows(quick: bool) -> list[dict[str, object]]:
 
         def ours(graphs: bool) -> Callable[[], object]:
             params = GenerationParams(max_new_tokens=new, cuda_graphs=graphs)
-            return lambda: [r[0].tokens for r in generate(model, ids.tolist(), params, stops=stops)]
+            # decode_layout, as the `generate` command passes it (packed q/k/v, gate/up)
+            return lambda: [
+                r[0].tokens
+                for r in generate(model, ids.tolist(), params, stops=stops, decode_layout=True)
+            ]
 
         def theirs(static: bool) -> Callable[[], object]:
             kw = {"cache_implementation": "static"} if static else {}
@@ -154,6 +179,9 @@ def cuda_rows(quick: bool) -> list[dict[str, object]]:
     kv = 2 * big.config.n_layer * big.config.n_kv_head * big.config.head_dim * 2  # per position
     read = weights + kv * (prompt_len + new / 2)  # mean KV read per token
     row["HBM fraction"] = row["llmctl tok/s"] * read / 4.8e12
+    step = graph_step_seconds(big, prompt_len, new)
+    row["graph step ms"] = step * 1e3
+    row["HBM fraction of the step"] = read / step / 4.8e12
     rows.append({"model": f"llama 1.1B bf16 ({weights / 1e9:.2f} GB)", **row})
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name()}")  # fmt: skip

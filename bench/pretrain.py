@@ -185,9 +185,27 @@ def gpu(args: argparse.Namespace) -> list[tuple]:
                      f"{r['tokens_per_s']:,.0f} (MFU {r['mfu']:.1%})", peer, ratio))  # fmt: skip
         print(rows[-1], flush=True)  # a long GPU run keeps what it measured so far
     if args.levers:
+        from llmctl.model import gpt
+
         batch = args.batches[0]
         r = ours(cfg, batch, seq, args.steps, "cuda", compile=True, objective=OuterLoss())
         rows.append((f"lever: loss outside the compiled forward ({name})", f"B={batch}",
+                     f"{r['tokens_per_s']:,.0f} (MFU {r['mfu']:.1%})", "-", "-"))  # fmt: skip
+        fused = gpt.Fused.forward
+        gpt.Fused.forward = lambda self, x, linears: [m(x) for m in linears]  # type: ignore[method-assign]
+        try:
+            r = ours(cfg, batch, seq, args.steps, "cuda", compile=True)
+        finally:
+            gpt.Fused.forward = fused  # type: ignore[method-assign]
+        rows.append((f"lever: q/k/v as three GEMMs, not one ({name})", f"B={batch}",
+                     f"{r['tokens_per_s']:,.0f} (MFU {r['mfu']:.1%})", "-", "-"))  # fmt: skip
+        order = list(gpt.ATTENTION_ORDER)
+        gpt.ATTENTION_ORDER[:] = order[1:]  # PyTorch's default choice: FlashAttention-2
+        try:
+            r = ours(cfg, batch, seq, args.steps, "cuda", compile=True)
+        finally:
+            gpt.ATTENTION_ORDER[:] = order
+        rows.append((f"lever: FlashAttention-2 instead of cuDNN attention ({name})", f"B={batch}",
                      f"{r['tokens_per_s']:,.0f} (MFU {r['mfu']:.1%})", "-", "-"))  # fmt: skip
     return rows
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 NORMS = ("layernorm", "rmsnorm")
@@ -326,6 +328,72 @@ def relative_bucket(
     return buckets + torch.where(rel < max_exact, rel, large)
 
 
+# SDPA kernels on CUDA, first choice first: cuDNN's fused attention runs Hopper's
+# warp-specialized kernels (FlashAttention-3's design), faster than FlashAttention-2 on an
+# H100/H200; SDPA skips a backend that cannot take a call (a mask, GQA, a head size) and falls
+# to the next. bench/pretrain.py --levers measures the difference.
+ATTENTION_ORDER = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+class Fused(nn.Module):
+    """Several `nn.Linear` projections of the same input (q/k/v, gate/up) as one matmul on
+    CUDA: one GEMM of N = sum of the outputs keeps the GPU busier than three small ones
+    (nanoGPT's `c_attn` is one Linear for this reason). The parameters stay separate (names,
+    LoRA, quantization, checkpoints and transformers' layouts see no change).
+
+    Training concatenates the weights in each forward (a copy of a few MB, cheap beside the
+    GEMM; autograd splits the gradient back). Decoding streams every weight once per token,
+    so a copy would triple its memory traffic: `pack()` stores the weights in one buffer
+    whose rows *are* the parameters (views), and the forward reads the buffer. On CPU the
+    projections stay separate, so fp32 results there are bitwise those of separate Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+
+    def forward(self, x: torch.Tensor, linears: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+        if not x.is_cuda or not all(type(m) is nn.Linear for m in linears):
+            return [m(x) for m in linears]  # swapped (LoRA, quantized) layers run their own
+        sizes = [m.out_features for m in linears]
+        if self.weight is not None:
+            return list(F.linear(x, self.weight, self.bias).split(sizes, dim=-1))
+        return list(fused_linear(x, linears).split(sizes, dim=-1))
+
+    def pack(self, linears: tuple[nn.Module, ...]) -> None:
+        """Make the weights (and biases) views into one contiguous buffer each."""
+        if not all(type(m) is nn.Linear for m in linears):
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            self.weight = torch.cat([m.weight.data for m in linears])
+            self.bias = None
+            if linears[0].bias is not None:
+                self.bias = torch.cat([m.bias.data for m in linears])
+            start = 0
+            for m in linears:
+                end = start + m.out_features
+                m.weight.data = self.weight[start:end]
+                if self.bias is not None:
+                    m.bias.data = self.bias[start:end]
+                start = end
+
+    def unpack(self) -> None:
+        """Forget the buffer (the parameters keep their values and may be re-allocated)."""
+        self.weight = self.bias = None
+
+
+def fused_linear(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tensor:
+    """`torch.cat([m(x) for m in linears], -1)` as one matmul over concatenated weights."""
+    weight = torch.cat([m.weight for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return F.linear(x, weight, bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -337,6 +405,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.fused = Fused()
 
     def forward(
         self,
@@ -348,24 +417,29 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = self.fused(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+        # unmasked calls only (training, prefill): measured for those; a masked one-query
+        # decoding step ran slower under cuDNN than under PyTorch's own choice
+        fast = q.is_cuda and mask is None
+        with sdpa_kernel(ATTENTION_ORDER, set_priority=True) if fast else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
         return self.resid_drop(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
@@ -378,10 +452,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.fused = Fused()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            gate, up = self.fused(x, (self.gate_proj, self.up_proj))
+            h = F.silu(gate) * up
         else:
             # GPT-2's tanh approximation, so GPT-2 weights behave as trained
             h = F.gelu(self.up_proj(x), approximate="tanh")
@@ -569,8 +645,24 @@ class GPT(nn.Module):
         faster than before for 1-2 rows. From 4 rows on MKL runs a GEMM, which is as fast or
         a little faster (3-10% at 8 rows) row-major, as are bfloat16/float16 (oneDNN) and GPU
         kernels: there the weights are made contiguous again (~0.15 s for 124M weights).
+
+        On CUDA the q/k/v (and gate/up) weights are also packed into one buffer per block
+        (`Fused.pack`), so each step reads them with one GEMV instead of three.
         """
         relayout_linears(self, batch_size)
+        if self.tok_emb.weight.is_cuda:
+            for block in self.blocks:
+                block.attn.fused.pack((block.attn.q_proj, block.attn.k_proj, block.attn.v_proj))
+                if block.mlp.swiglu:
+                    block.mlp.fused.pack((block.mlp.gate_proj, block.mlp.up_proj))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GPT:
+        # .to()/.cuda()/.half() re-allocate each parameter and each packed buffer separately,
+        # after which they would no longer share memory: forget the packing first.
+        for module in self.modules():
+            if isinstance(module, Fused):
+                module.unpack()
+        return super()._apply(fn, recurse)
 
     def forward(
         self,
