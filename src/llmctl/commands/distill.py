@@ -156,7 +156,7 @@ def _build_student(
     """The student on the CPU in fp32: a checkpoint, or a fresh preset model made right after
     seeding with `cfg.seed` (as `pretrain` makes it: the same initialization)."""
     from llmctl.commands.pretrain import PretrainConfig, build_model_config
-    from llmctl.model.gpt import GPT
+    from llmctl.model.io import build_model
 
     if student is not None:
         if cfg.model:
@@ -166,7 +166,7 @@ def _build_student(
     pcfg = PretrainConfig(preset=cfg.student_preset, model=dict(cfg.model))
     mcfg = build_model_config(pcfg, vocab_size)
     seed_everything(cfg.seed)
-    return Student(GPT(mcfg), f"preset:{cfg.student_preset}", None, tokenizer_dir)
+    return Student(build_model(mcfg), f"preset:{cfg.student_preset}", None, tokenizer_dir)
 
 
 def _teacher_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
@@ -193,7 +193,7 @@ def _run_logits(
     data: list[Path], out: Path, cfg: DistillConfig, *, teacher: Path, student: Path | None,
     force: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    from llmctl.model.gpt import GPT
+    from llmctl.model.io import build_model
     from llmctl.tokenizer import load_specials
     from llmctl.train import distributed
     from llmctl.train.batches import StepBatches, token_streams
@@ -264,7 +264,7 @@ def _run_logits(
                    "student": stud.source}  # fmt: skip
 
     def rebuild() -> torch.nn.Module:  # FSDP gather: the student with its aux projection
-        copy = GPT(model.config)
+        copy = build_model(model.config)
         if pairs:
             objective.attach(copy)
         return copy

@@ -2,11 +2,13 @@
 
 Formats (written by llmctl itself; transformers and llama.cpp are not needed):
 - `hf`: a transformers folder — `model.safetensors`, `config.json` (GPT-2 or Llama, chosen
-  from the checkpoint's architecture), `generation_config.json`, the tokenizer files, and a
-  model card `README.md` with the license and sources found in the checkpoint's lineage.
+  from the checkpoint's architecture; `RwkvForCausalLM` for an RWKV-4 checkpoint),
+  `generation_config.json`, the tokenizer files, and a model card `README.md` with the license
+  and sources found in the checkpoint's lineage.
   `AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` load it.
 - `gguf`: one `model.gguf` for llama.cpp / Ollama (`--set gguf.type=q8_0`; f16 by default),
-  with `general.license` and `general.sources`.
+  with `general.license` and `general.sources`. GPT checkpoints only: llama.cpp runs RWKV-6/7,
+  not the RWKV-4 llmctl trains, so an RWKV checkpoint is refused in one line.
 
 Any checkpoint whose architecture one of these layouts computes exports the same way
 (pretrained, imported, finetuned, merged); anything else is a one-line error.
@@ -89,8 +91,8 @@ def run(checkpoint: Path, out: Path, cfg: ExportConfig, force: bool = False) -> 
         model = load_model(checkpoint)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    from llmctl.model.gpt import GPT
-    from llmctl.model.hf import hf_layout
+    from llmctl.model.hf import GGUF_LAYOUTS, hf_layout
+    from llmctl.model.io import build_model
 
     quantized = getattr(model, "quantization", None)
     if quantized is not None:
@@ -104,12 +106,8 @@ def run(checkpoint: Path, out: Path, cfg: ExportConfig, force: bool = False) -> 
             f"weights{', requantized to ' + cfg.gguf.type if cfg.format == 'gguf' else ''}"
         )
 
-    if type(model) is not GPT:
-        raise UsageError(
-            f"{checkpoint}: a {type(model).__name__} model; only GPT checkpoints export"
-        )
     with torch.device("meta"):
-        plain = set(GPT(model.config).state_dict())
+        plain = set(build_model(model.config).state_dict())
     if set(model.state_dict()) != plain:
         # swapped layers (quantized, LoRA) hold tensors no transformers/GGUF layout names
         raise UsageError(
@@ -121,6 +119,11 @@ def run(checkpoint: Path, out: Path, cfg: ExportConfig, force: bool = False) -> 
         layout = hf_layout(model.config)
     except ValueError as e:
         raise UsageError(f"{checkpoint}: {e}") from None
+    if cfg.format == "gguf" and layout not in GGUF_LAYOUTS:
+        raise UsageError(
+            f"{checkpoint}: an RWKV-4 model; llama.cpp has no RWKV-4 architecture (only "
+            "RWKV-6/7), so there is no GGUF to write: export --format hf instead"
+        )
     for name in TOKENIZER_FILES:
         if not (checkpoint / name).is_file():
             raise UsageError(
@@ -190,6 +193,17 @@ def model_card(name: str, layout: str, model: Any, license: str, sources: list[s
     from llmctl import __version__
 
     cfg = model.config
+    if layout == "rwkv":
+        what = (f"an RWKV-4 (RwkvForCausalLM) causal LM: "
+                f"{model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {cfg.n_layer} "
+                f"layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, trained at context "
+                f"{cfg.max_seq_len} (a recurrent model: none is enforced), vocabulary "
+                f"{cfg.vocab_size}.")  # fmt: skip
+    else:
+        what = (f"a {'GPT-2' if layout == 'gpt2' else 'Llama'}-layout causal LM: "
+                f"{model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {cfg.n_layer} "
+                f"layers, d_model {cfg.d_model}, {cfg.n_head} heads ({cfg.n_kv_head} kv), "
+                f"context {cfg.max_seq_len}, vocabulary {cfg.vocab_size}.")  # fmt: skip
     front = ["---", "library_name: transformers", "tags:", "- llmctl", "- text-generation"]
     if license:
         front.insert(1, f"license: {license.lower() if ' ' not in license else 'other'}")
@@ -199,11 +213,7 @@ def model_card(name: str, layout: str, model: Any, license: str, sources: list[s
         "",
         f"# {name}",
         "",
-        f"Exported by llmctl {__version__} from checkpoint digest `{digest}` as a "
-        f"{'GPT-2' if layout == 'gpt2' else 'Llama'}-layout causal LM: "
-        f"{model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
-        f"d_model {cfg.d_model}, {cfg.n_head} heads ({cfg.n_kv_head} kv), context "
-        f"{cfg.max_seq_len}, vocabulary {cfg.vocab_size}.",
+        f"Exported by llmctl {__version__} from checkpoint digest `{digest}` as {what}",
         "",
         f"License: {license or 'unknown (none recorded in the lineage)'}.",
         "",

@@ -52,7 +52,7 @@ def run(
     fmt: str, paths: list[Path], out: Path, cfg: ImportConfig, force: bool = False
 ) -> dict[str, Any]:
     """Import `paths` in format `fmt` into a checkpoint at `out`; returns the manifest stats."""
-    from llmctl.model.io import save_checkpoint
+    from llmctl.model.io import model_type_of, save_checkpoint
     from llmctl.tokenizer import check_fits, load_specials, load_tokenizer
 
     if fmt not in FORMATS:
@@ -82,16 +82,19 @@ def run(
         specials = load_specials(art.dir / "tokenizer.json")
         _check_config_ids(notes.pop("config_ids", {}), specials)
         cfg_m = model.config
+        # a transformer's layout is its pos/norm/mlp; a model type without them (RWKV) is named
+        parts = [getattr(cfg_m, k, None) for k in ("pos", "norm", "mlp")]
+        layout = "/".join(parts) if all(parts) else model_type_of(model).name
         art.stats.update(
             {
                 "format": fmt,
                 "license": license,
                 "params": model.num_params(non_embedding=False),
-                "layout": f"{cfg_m.pos}/{cfg_m.norm}/{cfg_m.mlp}",
+                "layout": layout,
                 "n_layer": cfg_m.n_layer,
                 "d_model": cfg_m.d_model,
-                "n_head": cfg_m.n_head,
-                "n_kv_head": cfg_m.n_kv_head,
+                "n_head": getattr(cfg_m, "n_head", None),
+                "n_kv_head": getattr(cfg_m, "n_kv_head", None),
                 "vocab_size": cfg_m.vocab_size,
                 "max_seq_len": cfg_m.max_seq_len,
                 "tied_embeddings": cfg_m.tie_embeddings,
@@ -104,7 +107,8 @@ def run(
         )
     s = art.stats
     read = sum(m.get("bytes", 0) for m in art.inputs.values())
-    arch = (f"{s['n_layer']} layers × {s['d_model']}, {s['n_head']} heads ({s['n_kv_head']} kv), "
+    heads = f"{s['n_head']} heads ({s['n_kv_head']} kv), " if s["n_head"] else ""
+    arch = (f"{s['n_layer']} layers × {s['d_model']}, {heads}"
             f"{s['layout']}, context {s['max_seq_len']}")  # fmt: skip
     summary(
         f"import {fmt} → {out}",

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,9 @@ class LoraConfig(TrainSettings, ChatDataConfig):
     rslora: bool = helpful(False, "scale by alpha / sqrt(rank) (rank-stabilized LoRA)")
     targets: list[str] = helpful(
         ["attn"],
-        "layers to adapt: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head, "
-        "or the groups attn, mlp, all",
+        "layers to adapt: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head "
+        "(GPT); att.key att.value att.receptance att.output ffn.key ffn.value ffn.receptance "
+        "lm_head (RWKV: attn = time mixing, mlp = channel mixing); or the groups attn, mlp, all",
     )
     weight_decay: float = helpful(0.0, "AdamW weight decay of the adapter matrices")
     epochs: float = helpful(
@@ -99,6 +101,12 @@ def run(
         raise UsageError(str(e)) from None
     mcfg = model.config
     check_fits(load_tokenizer(checkpoint), mcfg.vocab_size, str(checkpoint))
+    packed = cfg.packing and not any(is_artifact(p) for p in data)
+    if packed and "segment_ids" not in inspect.signature(model.forward).parameters:
+        raise UsageError(
+            f"{checkpoint}: this model type cannot keep packed examples apart (no "
+            "segment_ids); use --set packing=false"
+        )
     seq_len = cfg.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise UsageError(
@@ -222,15 +230,11 @@ def _instruction_data(
     adapter as tokenizer_config.json so a merge carries it), assistant-only loss mask, packed
     or padded rows of seq_len + 1 tokens, a held-out split for validation."""
     import dataclasses
-    import inspect
     import math
 
     from llmctl.data.chats import data_digest, prepare_chats
-    from llmctl.model.gpt import GPT
     from llmctl.tokenizer import load_specials, load_tokenizer
 
-    if cfg.packing and "segment_ids" not in inspect.signature(GPT.forward).parameters:
-        raise UsageError("this model type cannot keep packed examples apart; packing=false")
     tok = load_tokenizer(ckpt.path)
     specials = load_specials(ckpt.path)
     sets = prepare_chats(ckpt.path, files, cfg, tok=tok, specials=specials, seq_len=seq_len,

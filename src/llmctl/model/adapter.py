@@ -9,8 +9,11 @@ the checkpoint it was trained on, and `llmctl_layout`) and `adapter_model.safete
 `<module>` is the name the layer has in the transformers model `model/hf.py` builds from the
 base (`maybe_hf_layout`): `model.layers.0.self_attn.q_proj` for a Llama-shaped GPT,
 `transformer.h.0.attn.c_attn` for a GPT-2-shaped one, so `peft.PeftModel.from_pretrained` on
-that export applies the adapter unchanged. A GPT that maps onto neither keeps our own module
-names (`blocks.0.attn.q_proj`; layout "llmctl").
+that export applies the adapter unchanged; `rwkv.blocks.0.attention.key` for an RWKV (layout
+"rwkv", `model/hf_rwkv.py`; `target_modules` as `attention.key`, `feed_forward.key`, since
+both mixes have a `key`). A GPT that maps onto none keeps our own module names
+(`blocks.0.attn.q_proj`; layout "llmctl"). Layer shapes are read from the model type itself
+(built on the meta device), so nothing here assumes one architecture's fields.
 
 GPT-2 fuses q, k and v into one `c_attn` layer [3d, d]. Our separate q/k/v adapters (rank r
 each) are written as the one stacked adapter that computes the same thing: lora_A is their A's
@@ -39,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmctl.files import check_regular
+from llmctl.model import hf_rwkv
 from llmctl.model.hf import hf_module_names, maybe_hf_layout
 from llmctl.model.lora import add_lora, lora_layers, lora_settings
 
@@ -63,17 +67,15 @@ def layout_of(config: Any) -> str:
 def module_names(config: Any) -> dict[str, tuple[str, slice | None]]:
     """Our Linear module name -> (its name in the adapter file, rows of that module that are
     ours or None). The inverse is `grouped(module_names(config))`."""
+    from llmctl.model.io import build_model
+
     names = hf_module_names(config)
     if names:
         return names
-    ours = [f"blocks.{i}.attn.{n}" for i in range(config.n_layer)
-            for n in ("q_proj", "k_proj", "v_proj", "o_proj")]  # fmt: skip
-    mlp = (
-        ("gate_proj", "up_proj", "down_proj")
-        if config.mlp == "swiglu"
-        else ("up_proj", "down_proj")
-    )
-    ours += [f"blocks.{i}.mlp.{n}" for i in range(config.n_layer) for n in mlp]
+    # no transformers layout: our own names, every Linear of the model type (meta: no weights)
+    with torch.device("meta"):
+        model = build_model(config)
+    ours = [n for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"]
     return {n: (n, None) for n in [*ours, "lm_head"]}
 
 
@@ -89,6 +91,8 @@ def grouped(
 
 def _target_name(ours: str, layout: str) -> str:
     short = ours.rsplit(".", 1)[-1]
+    if layout == hf_rwkv.LAYOUT:  # attention.key and feed_forward.key are different layers
+        return hf_rwkv.target_name(hf_rwkv.hf_name(ours))
     return GPT2_TARGETS[short] if layout == "gpt2" else short
 
 
@@ -236,9 +240,10 @@ def _pattern(pattern: dict[str, Any], name: str, default: Any) -> Any:
 def read_adapter(
     dir: Path | str, config: Any, base_digest: str
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Our module name -> (A [r, in], B [out, r], scale) of the adapter in `dir`, for a GPT
-    with `config` whose checkpoint digest is `base_digest`. A fused transformers layer
-    (GPT-2's c_attn) becomes one entry per projection: the shared A and B's rows for it.
+    """Our module name -> (A [r, in], B [out, r], scale) of the adapter in `dir`, for a model
+    (any registered type) with `config` whose checkpoint digest is `base_digest`. A fused
+    transformers layer (GPT-2's c_attn) becomes one entry per projection: the shared A and
+    B's rows for it.
     ValueError (naming the file and tensor) for a foreign base, a module the layout does not
     have or that is not targeted, a tensor that is missing, misshapen or not finite."""
     dir = Path(dir)
@@ -292,8 +297,7 @@ def read_adapter(
         scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
         a, b = pair["lora_A"], pair["lora_B"]
         members = theirs[name]
-        in_f = config.d_ff if name.endswith(("down_proj", "mlp.c_proj")) else config.d_model
-        out_f = _out_features(config, members)
+        in_f, out_f = _features_of(config, members)
         if a.shape != (r, in_f) or b.shape != (out_f, r):
             raise ValueError(
                 f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
@@ -309,18 +313,21 @@ def read_adapter(
     return out
 
 
-def _out_features(config: Any, members: list[tuple[str, slice | None]]) -> int:
-    if len(members) > 1:
-        return max(rows.stop for _, rows in members if rows is not None)
-    ours = members[0][0]
-    short = ours.rsplit(".", 1)[-1]
-    if short == "lm_head":
-        return config.vocab_size
-    if short in ("k_proj", "v_proj"):
-        return config.n_kv_head * config.head_dim
-    if short in ("gate_proj", "up_proj"):
-        return config.d_ff
-    return config.d_model
+def _features_of(config: Any, members: list[tuple[str, slice | None]]) -> tuple[int, int]:
+    """(in, out) features of the file's module that holds `members` (our Linear layers), read
+    from the model type's own layers (built on the meta device: no weights, any model type).
+    A fused module (GPT-2's c_attn) has its members' input and their rows stacked."""
+    from llmctl.model.io import build_model
+
+    with torch.device("meta"):
+        modules = dict(build_model(config).named_modules())
+    first = modules[members[0][0]]
+    out_f = (
+        max(rows.stop for _, rows in members if rows is not None)
+        if len(members) > 1
+        else first.out_features
+    )
+    return first.in_features, out_f
 
 
 def merge_adapter(model: nn.Module, dir: Path | str, base_digest: str) -> list[str]:

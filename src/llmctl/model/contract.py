@@ -53,6 +53,10 @@ class LanguageModel(Protocol):
     tok_emb: nn.Embedding  # its weight's device and dtype are the model's
     aux: nn.ModuleDict  # trainable extras an objective attaches; never saved in checkpoints
     gradient_checkpointing: bool
+    # LoRA's vocabulary (class attribute): group name ("attn", "mlp") -> target names, each a
+    # dotted suffix of Linear module names ("q_proj"; RWKV's "att.key"). model/lora.py adds
+    # "all" (every group) and "lm_head"; `--targets` takes these names only.
+    lora_groups: dict[str, tuple[str, ...]]
 
     def forward(
         self,
@@ -67,8 +71,9 @@ class LanguageModel(Protocol):
         logits_to_keep: int = 0,
     ) -> Any:
         """Logits [B, T, V] (or scores [B, T, 1]); see GPT.forward for the extras.
-        `segment_ids` (packed rows: attention only within a document) is optional: a model
-        whose forward lacks it is trained on padded rows (finetune refuses packing=true)."""
+        `segment_ids` (packed rows: each document computed as if alone; GPT masks attention,
+        RWKV restarts its state) is optional: a model whose forward lacks it is trained on
+        padded rows (finetune and lora refuse packing=true, naming the setting)."""
 
     def make_cache(self, batch_size: int, max_len: int) -> Cache: ...
 

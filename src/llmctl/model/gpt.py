@@ -19,7 +19,7 @@ import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -536,6 +536,11 @@ class GPT(nn.Module):
     """
 
     supports_static_cache = True  # make_cache(static=True): CUDA-graph decoding
+    # LoRA targets by group (model/contract.py): dotted suffixes of Linear module names
+    lora_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "mlp": ("gate_proj", "up_proj", "down_proj"),
+    }
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()

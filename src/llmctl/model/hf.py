@@ -9,6 +9,8 @@
   a model that loads and computes something else is the one outcome that must not happen.
 - `to_hf_gpt2` / `to_hf_llama`: the transformers model itself (tests and benchmarks only;
   transformers is imported inside them).
+- An RWKV (`RWKVConfig`) has the "rwkv" layout (`RwkvForCausalLM`): every function above
+  dispatches to `model/hf_rwkv.py` for it.
 
 Example:
     >>> model = read_hf("path/to/TinyLlama")          # ValueError names a bad key or tensor
@@ -25,12 +27,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from llmctl.files import check_regular
+from llmctl.model import hf_rwkv
 from llmctl.model.gpt import GPT, GPTConfig
+from llmctl.model.rwkv import RWKVConfig
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-LAYOUTS = ("gpt2", "llama")
+LAYOUTS = ("gpt2", "llama", "rwkv")  # rwkv: an RWKVConfig, in model/hf_rwkv.py
+GGUF_LAYOUTS = ("gpt2", "llama")  # what model/gguf.py writes (llama.cpp has no RWKV-4)
 _GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, causal=True)
 _LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", causal=True)
 
@@ -59,8 +64,12 @@ _META = {
 # ----------------------------------------------------------------------------- export
 
 
-def hf_layout(cfg: GPTConfig) -> str:
-    """The transformers architecture ("gpt2" or "llama") that computes what `cfg` computes."""
+def hf_layout(cfg: Any) -> str:
+    """The transformers architecture ("gpt2", "llama"; "rwkv" for an RWKV) that computes what
+    `cfg` computes."""
+    if isinstance(cfg, RWKVConfig):
+        hf_rwkv.check(cfg)
+        return hf_rwkv.LAYOUT
     if cfg.head != "lm":
         raise ValueError(f"a {cfg.head!r}-head model; the causal LM layouts need head='lm'")
     if all(getattr(cfg, k) == v for k, v in _GPT2.items()) and cfg.n_kv_head == cfg.n_head:
@@ -91,8 +100,10 @@ def hf_config(
     dtype: torch.dtype = torch.float32,
     token_ids: dict[str, int | None] | None = None,
 ) -> dict[str, Any]:
-    """The `config.json` of the transformers model equivalent to `cfg` (GPT-2 or Llama).
+    """The `config.json` of the transformers model equivalent to `cfg` (GPT-2, Llama or RWKV).
     `token_ids` may give bos_token_id / eos_token_id / pad_token_id."""
+    if isinstance(cfg, RWKVConfig):
+        return hf_rwkv.hf_config(cfg, dtype, token_ids)
     layout = hf_layout(cfg)
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {})}
     if layout == "gpt2":
@@ -149,6 +160,8 @@ def hf_config(
 def hf_state(model: GPT) -> dict[str, torch.Tensor]:
     """`model`'s weights under transformers' names and shapes (contiguous, on the CPU); a tied
     lm head is stored once, as transformers stores it."""
+    if isinstance(model.config, RWKVConfig):
+        return hf_rwkv.hf_state(model)  # type: ignore[arg-type]
     return {k: v.contiguous().cpu() for k, v in _hf_named(model).items()}
 
 
@@ -225,6 +238,8 @@ def hf_module_names(cfg: GPTConfig) -> dict[str, tuple[str, slice | None]]:
     out: dict[str, tuple[str, slice | None]] = {}
     if layout is None:
         return out
+    if layout == hf_rwkv.LAYOUT:
+        return hf_rwkv.module_names(cfg)
     d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
     for i in range(cfg.n_layer):
         ours = f"blocks.{i}."
@@ -298,7 +313,7 @@ PICKLE_FILES = (
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def read_hf_config(dir: str | Path) -> tuple[str, GPTConfig, dict[str, Any]]:
+def read_hf_config(dir: str | Path) -> tuple[str, Any, dict[str, Any]]:
     """(layout, our GPTConfig, the raw config.json) of a transformers folder; ValueError naming
     config.json and the key for anything llmctl cannot compute exactly."""
     path = Path(dir) / "config.json"
@@ -333,6 +348,8 @@ def read_hf_config(dir: str | Path) -> tuple[str, GPTConfig, dict[str, Any]]:
                 f"{' or '.join(map(repr, allowed))})"
             )
 
+    if model_type == "rwkv":
+        return hf_rwkv.LAYOUT, hf_rwkv.read_config(path, c), raw
     if model_type == "gpt2":
         layout = "gpt2"
         d = take("n_embd")
@@ -383,7 +400,7 @@ def read_hf_config(dir: str | Path) -> tuple[str, GPTConfig, dict[str, Any]]:
     else:
         raise ValueError(
             f"{path}: key 'model_type'={model_type!r} is not supported "
-            "(llmctl imports gpt2, llama and mistral models)"
+            "(llmctl imports gpt2, llama, mistral and rwkv models)"
         )
     if c:
         raise ValueError(
@@ -474,6 +491,15 @@ def read_hf(dir: str | Path, dtype: torch.dtype | None = None) -> GPT:
     files = weight_files(dir)
     theirs = _read_tensors(files)
     where = files[0] if len(files) == 1 else dir / INDEX_FILE
+    if layout == hf_rwkv.LAYOUT:
+        with torch.device("meta"):
+            rwkv = hf_rwkv.RWKV(cfg)
+        dtypes = {t.dtype for t in theirs.values()}
+        target = dtype or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        state = hf_rwkv.from_hf(rwkv, {k: v.to(target) for k, v in theirs.items()}, where)
+        rwkv.load_state_dict(state, strict=False, assign=True)
+        rwkv.tie_weights()
+        return rwkv.eval()  # type: ignore[return-value]
     # buffers old transformers versions saved: causal masks, rotary inverse frequencies
     for name in [
         n for n in theirs if n.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))

@@ -161,27 +161,47 @@ def strip_lora(module: LoRALayer) -> nn.Module:
     return module
 
 
-def resolve_targets(targets: Sequence[str] | str) -> tuple[tuple[str, ...], frozenset[str]]:
-    """(target names, the ones named one by one) from `--targets`: names from TARGETS and
-    groups (attn, mlp, all), as a list or a comma-separated string; sorted as in TARGETS.
-    A group adapts the layers of it a model has (a GELU MLP has no gate_proj); a name given
-    alone must exist."""
+def vocabulary(
+    model: nn.Module | None = None,
+) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+    """(groups, target names) of `model`'s type: its `lora_groups` (model/contract.py) plus
+    "all" and the head; GPT's when `model` is None or names none."""
+    own = getattr(model, "lora_groups", None)
+    groups = dict(own) if own else {"attn": ATTENTION, "mlp": MLP}
+    names = tuple(dict.fromkeys(n for g in groups.values() for n in g))
+    groups["all"] = names
+    return groups, (*names, HEAD)
+
+
+def resolve_targets(
+    targets: Sequence[str] | str, model: nn.Module | None = None
+) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(target names, the ones named one by one) from `--targets`: `model`'s target names and
+    groups (`vocabulary`: attn, mlp, all), as a list or a comma-separated string; sorted in
+    the vocabulary's order. A group adapts the layers of it a model has (a GELU MLP has no
+    gate_proj); a name given alone must exist."""
+    groups, names = vocabulary(model)
     if isinstance(targets, str):
         targets = targets.split(",")
     wanted: set[str] = set()
     explicit: set[str] = set()
     for t in (t.strip() for t in targets):
-        if t in GROUPS:
-            wanted.update(GROUPS[t])
-        elif t in TARGETS:
+        if t in groups:
+            wanted.update(groups[t])
+        elif t in names:
             wanted.add(t)
             explicit.add(t)
         else:
-            known = ", ".join((*GROUPS, *TARGETS))
+            known = ", ".join((*groups, *names))
             raise ValueError(f"LoRA target {t!r} is not one of {known}")
     if not wanted:
         raise ValueError("LoRA needs at least one target")
-    return tuple(t for t in TARGETS if t in wanted), frozenset(explicit)
+    return tuple(t for t in names if t in wanted), frozenset(explicit)
+
+
+def _matches(name: str, target: str) -> bool:
+    # a target is a dotted suffix of the module name ("q_proj", "att.key"), as in PEFT
+    return name == target or name.endswith("." + target)
 
 
 def apply_lora(
@@ -192,12 +212,13 @@ def apply_lora(
     dropout: float = 0.0,
     rslora: bool = False,
 ) -> list[str]:
-    """Give every layer of `model` named by `targets` (the last part of its module name: q_proj,
-    ..., lm_head; or a group: attn, mlp, all) a LoRA branch, and freeze every other parameter.
+    """Give every layer of `model` named by `targets` (a dotted suffix of its module name:
+    q_proj, ..., lm_head, RWKV's att.key ...; or a group: attn, mlp, all) a LoRA branch, and
+    freeze every other parameter.
     Returns the module names adapted, in model order. ValueError for an unknown target, a
     target named alone that the model does not have (gate_proj on a GELU MLP), or `lm_head`
     when the head is tied to the token embedding (LoRA there would adapt the embedding too)."""
-    wanted, explicit = resolve_targets(targets)
+    wanted, explicit = resolve_targets(targets, model)
     config = getattr(model, "config", None)
     if HEAD in wanted and getattr(config, "tie_embeddings", False):
         raise ValueError(
@@ -207,9 +228,9 @@ def apply_lora(
     chosen = [
         (name, m)
         for name, m in model.named_modules()
-        if name.rsplit(".", 1)[-1] in wanted and not name.startswith("aux.")
+        if any(_matches(name, t) for t in wanted) and not name.startswith("aux.")
     ]
-    found = {n.rsplit(".", 1)[-1] for n, _ in chosen}
+    found = {t for t in wanted for n, _ in chosen if _matches(n, t)}
     missing = sorted(explicit - found) or ([] if found else sorted(wanted))
     if missing:
         raise ValueError(f"LoRA target(s) {', '.join(missing)}: no such layer in this model")

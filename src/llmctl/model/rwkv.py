@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -133,12 +133,22 @@ def wkv_empty(batch: int, channels: int, device: torch.device | str | None) -> W
     return zeros, zeros.clone(), torch.full_like(zeros, NEG)
 
 
-def _combine(left: WKVState, right: WKVState, decay: torch.Tensor | float) -> WKVState:
+def _combine(
+    left: WKVState,
+    right: WKVState,
+    decay: torch.Tensor | float,
+    cut: torch.Tensor | None = None,
+) -> WKVState:
     """The state of two adjacent segments: `left` decayed by `decay` (= its distance · w) plus
-    `right`, rescaled to their larger exponent so no exponential exceeds 1."""
+    `right`, rescaled to their larger exponent so no exponential exceeds 1. Where `cut` (bool,
+    broadcast) is True a document starts inside `right`: `left` is dropped (packed rows)."""
     pl = left[2] - decay
+    if cut is not None:
+        pl = pl.masked_fill(cut, NEG)
     p = torch.maximum(pl, right[2])
     el, er = torch.exp(pl - p), torch.exp(right[2] - p)
+    if cut is not None:  # exp(NEG - NEG) would be 1: zero the dropped side explicitly
+        el = el.masked_fill(cut, 0.0)
     return left[0] * el + right[0] * er, left[1] * el + right[1] * er, p
 
 
@@ -149,9 +159,13 @@ def wkv_chunked(
     v: torch.Tensor,
     state: WKVState,
     chunk: int,
+    starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, WKVState]:
     """WKV of `k`, `v` [B, T, C] (float32) after `state`, with decay `w` = exp(time_decay)
-    and bonus `u` [C]; returns (wkv [B, T, C], the state after the last token).
+    and bonus `u` [C]; returns (wkv [B, T, C], the state after the last token). `starts`
+    [B, T] (bool) marks tokens that begin a new document of a packed row: the state is
+    empty before them (a segmented scan: a flag per segment says "a start lies inside",
+    and a combination drops whatever lies left of a start).
 
     Each chunk of `chunk` tokens is one parallel prefix scan (Hillis-Steele, log2(chunk) steps
     over all positions at once) of the recurrence s_t = e^-w s_{t-1} + e^{k_t} v_t, whose
@@ -162,25 +176,29 @@ def wkv_chunked(
     for s in range(0, k.shape[1], chunk):
         kc, vc = k[:, s : s + chunk], v[:, s : s + chunk]
         L = kc.shape[1]
+        first = f = None if starts is None else starts[:, s : s + chunk, None]
         # inclusive scan: position t holds the sum over the chunk's tokens 0..t
         a, b, p = vc, torch.ones_like(vc), kc
         off = 1
         while off < L:
+            cut = None if f is None else f[:, off:]
             na, nb, np_ = _combine((a[:, :-off], b[:, :-off], p[:, :-off]),
-                                   (a[:, off:], b[:, off:], p[:, off:]), off * w)  # fmt: skip
+                                   (a[:, off:], b[:, off:], p[:, off:]), off * w, cut)  # fmt: skip
             a = torch.cat([a[:, :off], na], 1)
             b = torch.cat([b[:, :off], nb], 1)
             p = torch.cat([p[:, :off], np_], 1)
+            if f is not None:
+                f = torch.cat([f[:, :off], f[:, :-off] | f[:, off:]], 1)
             off *= 2
-        # the carried-in state, decayed to each position, joins every prefix
+        # the carried-in state, decayed to each position, joins every prefix (up to a start)
         t = torch.arange(1, L + 1, device=k.device, dtype=torch.float32)[None, :, None]
         start = tuple(x[:, None] for x in state)
-        a, b, p = _combine(start, (a, b, p), t * w)  # type: ignore[arg-type]
+        a, b, p = _combine(start, (a, b, p), t * w, f)  # type: ignore[arg-type]
         # output t reads the state before it (tokens < t) plus the current token's bonus
         before = tuple(
             torch.cat([x[:, None], y[:, :-1]], 1) for x, y in zip(state, (a, b, p), strict=True)
         )
-        na, nb, _ = _combine(before, (vc, torch.ones_like(vc), u + kc), 0.0)  # type: ignore[arg-type]
+        na, nb, _ = _combine(before, (vc, torch.ones_like(vc), u + kc), 0.0, first)  # type: ignore[arg-type]
         outs.append(na / nb)
         state = (a[:, -1], b[:, -1], p[:, -1])
     return torch.cat(outs, dim=1), state
@@ -283,10 +301,14 @@ class RWKVState:
 # --- the model ----------------------------------------------------------------------------------
 
 
-def _shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    """Token shift: x_{t-1} for every t, with `last` (or zeros) before the first."""
+def _shift(
+    x: torch.Tensor, last: torch.Tensor | None, starts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token shift: x_{t-1} for every t, with `last` (or zeros) before the first; zeros
+    before a token that `starts` [B, T] marks as a document's first (packed rows)."""
     first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
+    xx = torch.cat([first, x[:, :-1]], dim=1)
+    return xx if starts is None else xx.masked_fill(starts[:, :, None], 0.0)
 
 
 def _ddd(d: int) -> torch.Tensor:
@@ -330,10 +352,14 @@ class TimeMix(nn.Module):
         self.time_mix_r.copy_(ddd ** (0.5 * r10))
 
     def forward(
-        self, x: torch.Tensor, pad: torch.Tensor | None, state: RWKVState | None
+        self,
+        x: torch.Tensor,
+        pad: torch.Tensor | None,
+        state: RWKVState | None,
+        starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         last = state.att_x[self.layer] if state is not None else None
-        xx = _shift(x, last)
+        xx = _shift(x, last, starts)
         xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
         xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
         xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
@@ -347,7 +373,7 @@ class TimeMix(nn.Module):
             y, new = wkv_step(w, u, k[:, 0], v[:, 0], prev)
             y = y[:, None]
         else:
-            y, new = wkv_chunked(w, u, k, v, prev, self.chunk)
+            y, new = wkv_chunked(w, u, k, v, prev, self.chunk, starts)
         if state is not None:
             state.wkv[self.layer] = new
             state.att_x[self.layer] = x[:, -1]
@@ -374,9 +400,11 @@ class ChannelMix(nn.Module):
         self.time_mix_k.copy_(ddd**r10)
         self.time_mix_r.copy_(ddd**r10)
 
-    def forward(self, x: torch.Tensor, state: RWKVState | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: RWKVState | None, starts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         last = state.ffn_x[self.layer] if state is not None else None
-        xx = _shift(x, last)
+        xx = _shift(x, last, starts)
         xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
         xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
         if state is not None:
@@ -398,18 +426,22 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg, layer)
 
     def forward(
-        self, x: torch.Tensor, pad: torch.Tensor | None, state: RWKVState | None
+        self,
+        x: torch.Tensor,
+        pad: torch.Tensor | None,
+        state: RWKVState | None,
+        starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if hasattr(self, "ln0"):
             x = self.ln0(x)
         h = self.ln1(x)
         if pad is not None:  # a padding position is no previous token for the token shift
             h = h.masked_fill(pad[:, :, None], 0.0)
-        x = x + self.att(h, pad, state)
+        x = x + self.att(h, pad, state, starts)
         h = self.ln2(x)
         if pad is not None:
             h = h.masked_fill(pad[:, :, None], 0.0)
-        return x + self.ffn(h, state)
+        return x + self.ffn(h, state, starts)
 
 
 class RWKV(nn.Module):
@@ -422,6 +454,11 @@ class RWKV(nn.Module):
     """
 
     can_rollback = RWKVState.can_rollback
+    # LoRA targets by group (model/contract.py): time mixing is "attn", channel mixing "mlp"
+    lora_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attn": ("att.key", "att.value", "att.receptance", "att.output"),
+        "mlp": ("ffn.key", "ffn.value", "ffn.receptance"),
+    }
 
     def __init__(self, config: RWKVConfig) -> None:
         super().__init__()
@@ -512,6 +549,7 @@ class RWKV(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         cache: RWKVState | None = None,
         return_hidden: bool = False,
         hidden_layers: tuple[int, ...] | list[int] = (),
@@ -523,8 +561,20 @@ class RWKV(nn.Module):
         `attention_mask` [B, S] (S = cache.length + T) marks real tokens True: padding (left,
         as generation pads) neither enters the WKV state nor serves as the previous token of
         a token shift. `position_ids` are accepted and unused (an RNN knows
-        order from the recurrence). With `cache`, the state advances past the T tokens."""
+        order from the recurrence). With `cache`, the state advances past the T tokens.
+        `segment_ids` [B, T] (no cache) packs documents in a row: where the id changes, the
+        WKV state and the token shift start empty again, as if the document began a row."""
         B, T = idx.shape
+        starts = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) cannot be used with a cache")
+            if segment_ids.shape != (B, T):
+                raise ValueError(
+                    f"segment_ids must be [B, T] = [{B}, {T}], got {list(segment_ids.shape)}"
+                )
+            starts = torch.zeros_like(segment_ids, dtype=torch.bool)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
         past = 0
         if cache is not None:
             if cache.batch_size != B:
@@ -557,9 +607,9 @@ class RWKV(nn.Module):
         checkpointing = self.gradient_checkpointing and self.training and cache is None
         for layer, block in enumerate(self.blocks):
             if checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, pad, None, use_reentrant=False)
+                x = checkpoint(block, x, pad, None, starts, use_reentrant=False)
             else:
-                x = block(x, pad, cache)
+                x = block(x, pad, cache, starts)
             if layer + 1 in hidden_layers:
                 states[layer + 1] = x
         if cache is not None:
