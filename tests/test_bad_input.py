@@ -80,6 +80,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copyfile(d / "tokens" / "tokenizer.json", d / "tokenizer.json")
     chat = Path(__file__).parent.parent / "recipes" / "data" / "sft" / "identity.jsonl"
     (d / "chat.jsonl").write_text("".join(chat.read_text().splitlines(keepends=True)[:20]))
+    pairs = [{"prompt": f"Count to {k}.", "chosen": " ".join(map(str, range(1, k + 1))),
+              "rejected": "No."} for k in range(2, 12)]  # fmt: skip
+    (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     _llama2c(d / "l2c.bin", d / "tok.bin")
     return {
         "file": d / "raw.jsonl",
@@ -89,6 +92,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "prompts": d / "prompts.jsonl",
         "tokfile": d / "tokenizer.json",
         "chat": d / "chat.jsonl",
+        "pairs": d / "pairs.jsonl",
         "l2c": d / "l2c.bin",
         "l2ctok": d / "tok.bin",
     }
@@ -128,6 +132,8 @@ class Row:
     argv: Callable[[dict[str, Path | None], Path], list[object]]
     strict: tuple[str, ...] = ("--strict",)  # how to ask for record faults to be exit 2
     writes: bool = True  # publishes an artifact at out (with rejected/errors.jsonl if data)
+    config: bool = True  # takes --config (lineage has no settings)
+    prompt_faults: int = 2  # exit code for a bad prompt record (align skips it: 0)
 
 
 DATA_CASES = ("docs_shard_garbage", "docs_shard_cut")
@@ -203,6 +209,64 @@ ROWS: dict[str, Row] = {
             "input": Slot(("chat",)),
         },
         lambda a, out: ["finetune", a["checkpoint"], a["input"], "--out", out, *ONE_STEP],
+    ),
+    # align: the checkpoint (the reference), and preference pairs (records skipped or --strict)
+    "align": Row(
+        {
+            "checkpoint": Slot(("checkpoint",), CKPT_CASES),
+            "input": Slot(("pairs",)),
+        },
+        lambda a, out: ["align", a["checkpoint"], a["input"], "--out", out, *ONE_STEP],
+    ),
+    # online RL and RLAIF: the policy checkpoint, prompts; a builtin reward / the policy as judge
+    "align-grpo": Row(
+        {
+            "checkpoint": Slot(("checkpoint",), CKPT_CASES),
+            "input": Slot(("prompts",)),
+        },
+        lambda a, out: [
+            "align",
+            a["checkpoint"],
+            a["input"],
+            "--out",
+            out,
+            "--method",
+            "grpo",
+            "--reward",
+            "builtin:distinct",
+            "--set",
+            "group_size=2",
+            "--set",
+            "max_new_tokens=2",
+            "--set",
+            "eval_prompts=0",
+            *ONE_STEP,
+        ],
+        prompt_faults=0,
+    ),
+    "align-rlaif": Row(
+        {
+            "checkpoint": Slot(("checkpoint",), CKPT_CASES),
+            "input": Slot(("prompts",)),
+            "judge": Slot(("checkpoint",), CKPT_CASES),
+        },
+        lambda a, out: [
+            "align",
+            a["checkpoint"],
+            a["input"],
+            "--out",
+            out,
+            "--method",
+            "rlaif",
+            "--judge",
+            f"judge:{a['judge']}",
+            "--set",
+            "rlaif.k=2",
+            "--set",
+            "rlaif.max_new_tokens=2",
+            *ONE_STEP,
+        ],
+        prompt_faults=0,
     ),
     "lora": Row(
         {
@@ -537,7 +601,7 @@ def long_line(ctx: Ctx, path: Path) -> Path:
 
 
 ART, CKPT, TOK, DOCS = ("artifact",), ("checkpoint",), ("tokens",), ("docs",)
-FILES = ("file", "prompts", "tokfile", "chat", "l2c", "l2ctok")
+FILES = ("file", "prompts", "tokfile", "chat", "pairs", "l2c", "l2ctok")
 SHARDS = ("train-*.bin", "val-*.bin")
 
 
@@ -602,9 +666,11 @@ CASES: dict[str, Case] = {
     "tokenizer_file_bad": refused(("tokfile",), file_case(not_json)),
     "non_utf8_name": Case(("file", "prompts"), file_case(non_utf8_name), "kept"),
     # records (prompts: each line is a request, so a bad one is refused, never skipped)
-    "bad_json_line": record(("file", "prompts", "chat"), records([b"{not json\n"]), "bad_json"),
+    "bad_json_line": record(
+        ("file", "prompts", "chat", "pairs"), records([b"{not json\n"]), "bad_json"
+    ),
     "bad_utf8_line": record(
-        ("file", "prompts", "chat"), records([b'{"text": "\xff"}\n']), "invalid_utf8"
+        ("file", "prompts", "chat", "pairs"), records([b'{"text": "\xff"}\n']), "invalid_utf8"
     ),
     # a llama2.c file whose header disagrees with its size (a half-copied download)
     "l2c_cut": refused(("l2c",), file_case(lambda ctx, p: (
@@ -633,9 +699,11 @@ def matrix() -> list[tuple[str, str, str, str, bool]]:
     return out
 
 
-def expected(kind: str, case: Case, strict: bool) -> int:
-    if case.outcome == "refused" or (case.outcome == "record" and (strict or kind == "prompts")):
+def expected(kind: str, case: Case, strict: bool, row: Row) -> int:
+    if case.outcome == "refused" or (case.outcome == "record" and strict):
         return 2
+    if case.outcome == "record" and kind == "prompts":
+        return row.prompt_faults
     return 0
 
 
@@ -655,7 +723,7 @@ def test_bad_input(
     argv = [*row.argv(args, out), *ctx.args, *(row.strict if strict else ())]
     code, stdout, err = llmctl(*argv)
     assert "Traceback" not in stdout + err
-    assert code == expected(kind, spec, strict), err
+    assert code == expected(kind, spec, strict, row), err
     if code == 2:
         lines = err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), err

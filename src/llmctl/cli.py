@@ -125,6 +125,22 @@ def resolve(
     return cfg
 
 
+def _method_of(config: Path | None, sets: list[str] | None) -> str | None:
+    """`method` as `--set` or the --config file gives it (align picks its settings by it)."""
+    from llmctl.config import parse_override
+
+    for item in reversed(sets or []):
+        key, value = parse_override(item)
+        if key == "method":
+            return str(value)
+    if config is not None:
+        from llmctl.config import load_toml
+
+        value = load_toml(config).get("method")
+        return None if value is None else str(value)
+    return None
+
+
 def need_out(out: Path | None) -> Path:
     """`--out` is optional only so that `--show-config` works without it."""
     if out is None:
@@ -454,6 +470,95 @@ def lora(
     )  # fmt: skip
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both")
+    verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), need_out(out), cfg,
+             force=force)  # fmt: skip
+
+
+@command
+def align(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint artifact to align (the frozen reference).")
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Preference files: prompt+chosen+rejected, hh-rlhf transcripts, ShareGPT "
+            "pairs, or KTO prompt+completion+label (JSON/JSONL, .gz); prompt files "
+            "({'prompt'} or {'messages'} a line) for grpo, ppo and rlaif."
+        ),
+    ] = None,
+    out: OutOpt = None,
+    method: _opt(
+        "--method", "dpo, ipo, simpo, orpo, kto, reward (offline); grpo, ppo, rlaif.", str
+    ) = None,
+    reward: _opt(
+        "--reward",
+        "grpo/ppo: a reward-model checkpoint, builtin:length[:N], builtin:keyword:WORD, "
+        "builtin:distinct, or judge:LM.",
+        str,
+    ) = None,
+    judge: _opt(
+        "--judge", "rlaif: a reward-model checkpoint or judge:LM / judge-yes:LM.", str
+    ) = None,
+    use_lora: Annotated[
+        bool, typer.Option("--lora", help="Train LoRA adapters on the frozen checkpoint.")
+    ] = False,
+    beta: _opt("--beta", "β (DPO/IPO/KTO KL leash; SimPO reward scale).", float) = None,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    compile: CompileOpt = False,
+    strict: StrictOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Align a checkpoint: on preference pairs (DPO, IPO, SimPO, ORPO, KTO), as a reward model
+    (--method reward), by online RL against a reward (--method grpo|ppo --reward RM), or on
+    pairs an AI judge ranked (--method rlaif --judge J); rerun the same command to resume.
+
+    The reference log-probs are computed once and cached in the in-progress output.
+    """
+    from llmctl.commands import align as verb
+
+    train = training_options(steps, batch_size, seq_len, lr, seed, device, compile)
+    if steps is not None and epochs is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    chosen = method or _method_of(config, sets)
+    if chosen in ("grpo", "ppo"):
+        from llmctl.train.online import OnlineConfig
+        from llmctl.train.online_run import run_online
+
+        if beta is not None or epochs is not None or judge is not None:
+            raise UsageError(f"--method {chosen} takes --reward and --steps (and --set "
+                             "kl_coef=...), not --beta, --epochs or --judge")  # fmt: skip
+        cfg = resolve(OnlineConfig, config, sets, show_config, method=chosen,
+                      lora=use_lora or None, strict=strict or None, **train)  # fmt: skip
+        run_online(need(checkpoint, "CHECKPOINT"), need(data, "PROMPTS..."), need_out(out),
+                   cfg.method, need(reward, "--reward"), cfg, force=force)  # fmt: skip
+        return
+    if chosen == "rlaif":
+        if reward is not None:
+            raise UsageError("--method rlaif ranks answers with --judge, not --reward")
+        sets = [s for s in (sets or []) if not s.startswith("method=")]
+        rcfg = resolve(verb.RlaifConfig, config, sets, show_config, method="dpo",
+                       lora=use_lora or None, beta=beta, epochs=epochs, strict=strict or None,
+                       **train)  # fmt: skip
+        verb.run_rlaif(need(checkpoint, "CHECKPOINT"), need(data, "PROMPTS..."), need_out(out),
+                       need(judge, "--judge"), rcfg, force=force)  # fmt: skip
+        return
+    if reward is not None or judge is not None:
+        raise UsageError("--reward is for --method grpo|ppo, --judge for --method rlaif")
+    cfg = resolve(
+        verb.AlignConfig, config, sets, show_config, method=method, lora=use_lora or None,
+        beta=beta, epochs=epochs, strict=strict or None, **train,
+    )  # fmt: skip
     verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), need_out(out), cfg,
              force=force)  # fmt: skip
 

@@ -140,6 +140,19 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def load_toml(config_file: Path) -> dict[str, Any]:
+    """A --config file's table; one line naming the file if it is missing or not TOML."""
+    from llmctl.files import MAX_JSON_BYTES, display, read_bytes
+
+    path = Path(config_file)
+    if not path.exists():
+        raise UsageError(f"{display(path)}: config file not found")
+    try:  # read_bytes: a regular file only (a FIFO given as --config must not block)
+        return tomllib.loads(read_bytes(path, MAX_JSON_BYTES, "config file").decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{display(path)}: not valid TOML: {e}") from e
+
+
 def load_config(
     cls: type[T],
     config_file: Path | None = None,
@@ -151,17 +164,7 @@ def load_config(
     `options` holds typed CLI options that were given (None values are ignored).
     Unknown keys and ill-typed values raise UsageError naming the key.
     """
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        from llmctl.files import MAX_JSON_BYTES, display, read_bytes
-
-        path = Path(config_file)
-        if not path.exists():
-            raise UsageError(f"{display(path)}: config file not found")
-        try:  # read_bytes: a regular file only (a FIFO given as --config must not block)
-            values = tomllib.loads(read_bytes(path, MAX_JSON_BYTES, "config file").decode())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{display(path)}: not valid TOML: {e}") from e
+    values: dict[str, Any] = {} if config_file is None else load_toml(config_file)
     for key, value in (options or {}).items():
         if value is not None:
             _merge(values, key, value)

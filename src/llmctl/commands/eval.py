@@ -14,6 +14,7 @@ compare on it.
 Example:
     llmctl eval out/ckpt out/tokens
     llmctl eval out/ckpt held_out.txt --json
+    llmctl eval out/ckpt out/tokens --out out/eval-ckpt   # an `eval` artifact (eval.json)
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmctl.artifacts import is_artifact, open_artifact
-from llmctl.config import helpful
+from llmctl.artifacts import building, is_artifact, open_artifact
+from llmctl.config import helpful, to_dict
 from llmctl.data.docs import BadRecord, ReadOptions, iter_docs
 from llmctl.errors import UsageError
 from llmctl.runtime import human_bytes, progress, summary, warn
@@ -134,8 +135,16 @@ def _token_stream(
     return np.array(docs, dtype=np.int64), ", ".join(map(str, data))
 
 
-def run(checkpoint: Path, data: list[Path], cfg: EvalConfig, as_json: bool = False) -> dict:
-    """Score `checkpoint` on `data`; print a table (and JSON on stdout with `as_json`)."""
+def run(
+    checkpoint: Path,
+    data: list[Path],
+    cfg: EvalConfig,
+    as_json: bool = False,
+    out: Path | None = None,
+    force: bool = False,
+) -> dict:
+    """Score `checkpoint` on `data`; print a table (and JSON on stdout with `as_json`); with
+    `out`, also publish the figures as an `eval` artifact (`eval.json`, the same in `stats`)."""
     from llmctl.model.io import load_model
     from llmctl.tokenizer import check_fits, load_specials, load_tokenizer
     from llmctl.train.distributed import pick_device
@@ -148,6 +157,8 @@ def run(checkpoint: Path, data: list[Path], cfg: EvalConfig, as_json: bool = Fal
     except ValueError as e:
         raise UsageError(str(e)) from e
     check_fits(tok, model.config.vocab_size, str(checkpoint))
+    if getattr(model.config, "head", "lm") == "score":
+        return reward_eval(checkpoint, model, data, cfg, as_json)
     if not model.config.causal:
         raise UsageError(f"{checkpoint}: a bidirectional (masked-LM) model has no next-token loss")
     seq_len = cfg.seq_len or model.config.max_seq_len
@@ -187,6 +198,54 @@ def run(checkpoint: Path, data: list[Path], cfg: EvalConfig, as_json: bool = Fal
             ("text", f"{human_bytes(n_bytes)} in {n_text:,} tokens"),
         ],
     )
+    if as_json:
+        print(json.dumps(result, indent=2))
+    if out is not None:
+        inputs = {"checkpoint": checkpoint, **{f"eval-{i}": p for i, p in enumerate(data)}}
+        with building(
+            out, kind="eval", command="eval", config=to_dict(cfg), inputs=inputs, force=force
+        ) as art:
+            (art.dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            art.stats.update(result)
+    return result
+
+
+def reward_eval(
+    checkpoint: Path, model: torch.nn.Module, data: list[Path], cfg: EvalConfig, as_json: bool
+) -> dict:
+    """A reward model (head = score) on preference pairs: its pairwise accuracy (the share of
+    pairs whose chosen answer scores higher), mean margin and scores; every pair is scored."""
+    from llmctl.data.preferences import PairRows, PreferenceDataConfig, load_preferences
+    from llmctl.tokenizer import CHAT_TEMPLATE, chat_template_of, load_specials, load_tokenizer
+    from llmctl.train.preference import pairwise_accuracy
+
+    tok, specials = load_tokenizer(checkpoint), load_specials(checkpoint)
+    seq_len = cfg.seq_len or model.config.max_seq_len
+    if not 1 <= seq_len <= model.config.max_seq_len:
+        raise UsageError(f"config key 'seq_len': must be in 1..{model.config.max_seq_len}")
+    opts = PreferenceDataConfig(val_fraction=0.0, strict=cfg.strict)
+    loaded = load_preferences(data, tok, template=chat_template_of(checkpoint) or CHAT_TEMPLATE,
+                              end_id=specials.end_of_turn, ctx=seq_len, opts=opts)  # fmt: skip
+    items = loaded.items
+    rows = PairRows(items, list(range(len(items))), batch_size=cfg.batch_size, seed=0,
+                    pad_id=specials.pad_or_eos, shuffle=False)  # fmt: skip
+    device = next(model.parameters()).device
+    figures = pairwise_accuracy(model, rows.sequential(), device=device)
+    s = loaded.stats
+    result = {"checkpoint": str(checkpoint), "data": ", ".join(map(str, data)), **figures,
+              "cut": s["cut"], "rejected": s["rejected_total"], "seq_len": seq_len}  # fmt: skip
+    summary(
+        f"eval {checkpoint} (reward model)",
+        [
+            ("data", result["data"]),
+            ("pairs scored", f"{figures['pairs']:,} ({s['cut']:,} cut to {seq_len} tokens; "
+                             f"{s['rejected_total']:,} rejected)"),
+            ("pairwise accuracy", f"{figures['accuracy']:.4f}"),
+            ("margin", f"{figures['margin']:.4f}"),
+            ("scores", f"chosen {figures['chosen_score']:.4f}, "
+                       f"rejected {figures['rejected_score']:.4f}"),
+        ],
+    )  # fmt: skip
     if as_json:
         print(json.dumps(result, indent=2))
     return result

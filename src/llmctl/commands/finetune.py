@@ -32,7 +32,7 @@ from llmctl.config import helpful, to_dict
 from llmctl.data.chats import ChatDataConfig
 from llmctl.errors import UsageError
 from llmctl.runtime import info, summary, warn
-from llmctl.train.settings import COSMETIC, TrainSettings
+from llmctl.train.settings import COSMETIC, TrainSettings, check_steps_or_epochs
 
 
 @dataclass(frozen=True)
@@ -54,17 +54,7 @@ class FinetuneConfig(TrainSettings, ChatDataConfig):
     )
 
     def __post_init__(self) -> None:
-        # steps = 0 means "from epochs"; the shared checks want >= 1 for a real count.
-        if self.steps < 0:
-            raise UsageError(f"config key 'steps': must be >= 0, got {self.steps}")
-        if self.steps == 0 and not self.epochs > 0:
-            raise UsageError("config keys 'steps' and 'epochs': give steps > 0 or epochs > 0")
-        steps = self.steps
-        object.__setattr__(self, "steps", steps or 1)
-        try:
-            TrainSettings.__post_init__(self)
-        finally:
-            object.__setattr__(self, "steps", steps)
+        check_steps_or_epochs(self, self.epochs)  # steps = 0 means "from epochs"
         ChatDataConfig.__post_init__(self)
 
 

@@ -126,6 +126,11 @@ def _load(cfg: GenerateConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any]:
         # Load in the checkpoint's dtype, merge any adapter there, then cast: a LoRA delta
         # added in bf16 would lose most of its bits.
         model, draft = load_model(checkpoint, device), None
+        if getattr(model.config, "head", "lm") == "score":
+            raise UsageError(
+                f"{checkpoint}: a reward model (head = score) scores text and cannot generate; "
+                f"score pairs with `llmctl eval {checkpoint} PAIRS`"
+            )
         if cfg.adapter:
             adapter = Path(cfg.adapter)
             if is_artifact(adapter):

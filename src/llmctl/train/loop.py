@@ -365,6 +365,9 @@ class _Run:
         self.saved_step: int | None = None
         self.gen = torch.Generator()
         self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)  # step losses, for spikes
+        # An objective whose loss is no measure of progress (an RL surrogate, near 0 and of
+        # either sign) sets `watch_spikes = False`: its "spikes" are not a sign of trouble.
+        self.watch_spikes = getattr(objective, "watch_spikes", True)
         self.peak = peak_flops(self.device)
         self.window_tokens, self.window_start = 0, time.perf_counter()
         self.timed_steps, self.run_tokens, self.run_time = 0, 0, 0.0
@@ -543,7 +546,12 @@ class _Run:
             if not math.isfinite(norm):
                 _stop(step, f"gradient norm is {norm}", self.saved_step, self.writer,
                       self.deferred)  # fmt: skip
-            if self.world.main and self.recent and loss > SPIKE_FACTOR * max(self.recent) > 0:
+            if (
+                self.watch_spikes
+                and self.world.main
+                and self.recent
+                and loss > SPIKE_FACTOR * max(self.recent) > 0
+            ):
                 warn(
                     f"step {step + 1:,}: loss spike: {loss:.4g} is over {SPIKE_FACTOR:g}× the "
                     f"largest of the last {len(self.recent)} steps ({max(self.recent):.4g}); "

@@ -74,3 +74,19 @@ class TrainSettings:
             raise UsageError("config keys 'lr' > 0 and 0 <= 'min_lr_ratio' <= 1 are required")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UsageError(f"config key 'betas': two numbers in [0, 1), got {self.betas}")
+
+
+def check_steps_or_epochs(cfg: TrainSettings, epochs: float) -> None:
+    """The shared checks for a config whose `steps = 0` means "from `epochs`" (finetune,
+    align): steps >= 0, one of the two positive, then `TrainSettings`' checks as if steps
+    were a real count."""
+    if cfg.steps < 0:
+        raise UsageError(f"config key 'steps': must be >= 0, got {cfg.steps}")
+    if cfg.steps == 0 and not epochs > 0:
+        raise UsageError("config keys 'steps' and 'epochs': give steps > 0 or epochs > 0")
+    steps = cfg.steps
+    object.__setattr__(cfg, "steps", steps or 1)
+    try:
+        TrainSettings.__post_init__(cfg)
+    finally:
+        object.__setattr__(cfg, "steps", steps)
