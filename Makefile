@@ -33,6 +33,11 @@ install-check:
 test-fast: setup
 	$(BIN)/pytest -n 2 -q -m "not slow"
 
+# Mutation testing of the critical modules (tests/mutate/modules.py, docs/testing.md); not part
+# of `make test`. `make mutate MODULES=train/loop.py SAMPLE=10` runs one module, smaller.
+mutate: setup
+	nice -n 10 $(BIN)/python tests/mutate/run.py $(MODULES) $(if $(SAMPLE),--sample $(SAMPLE))
+
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench

@@ -227,6 +227,37 @@ def test_non_finite_loss_stops_before_the_step(tmp_path: Path) -> None:
     assert len(losses(tmp_path)) == 3
 
 
+def test_non_finite_gradient_norm_stops_before_the_step(tmp_path: Path) -> None:
+    """A finite loss whose gradient is infinite: the pre-clip norm check stops the run, and
+    the message says the weights were not updated (the CPU path checks every step)."""
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return g * float("inf")
+
+    class Poisoned(NextToken):
+        calls = 0
+
+        def __call__(self, *a, **k) -> LossOutput:
+            out = super().__call__(*a, **k)
+            Poisoned.calls += 1
+            if Poisoned.calls == 3:
+                out.total = InfGrad.apply(out.total)
+            return out
+
+    model = tiny_model()
+    cfg = TrainSettings(steps=5, lr=3e-3, warmup=2, log_every=1, save_every=1)
+    with pytest.raises(NonFiniteLoss, match=r"step 3: gradient norm is (inf|nan); stopped "
+                       r"before the optimizer step, weights not updated; .*step 2"):  # fmt: skip
+        train(model, StepBatches(windows(4, 33)), Poisoned(), cfg, Writer(tmp_path, {"r": 1}))
+    assert latest(tmp_path / "_state").name == "step-00000002"
+
+
 def test_loss_spike_warns_with_the_step_and_training_goes_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
