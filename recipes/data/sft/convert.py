@@ -17,12 +17,17 @@ with open(dst / "self_instruct_seed.jsonl", "w", encoding="utf-8") as out:
     for line in (src / "self_instruct_seed" / "seed_tasks.jsonl").read_text("utf-8").splitlines():
         task = json.loads(line)
         for inst in task["instances"]:
-            rec = {"instruction": task["instruction"], "input": inst["input"],
-                   "output": inst["output"]}
+            rec = {
+                "instruction": task["instruction"],
+                "input": inst["input"],
+                "output": inst["output"],
+            }
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
 identity = json.loads((src / "identity_template" / "identity.json").read_text("utf-8"))
 with open(dst / "identity.jsonl", "w", encoding="utf-8") as out:
     for item in identity:
-        rec = {k: v.replace("{{name}}", "llmctl").replace("{{author}}", "the llmctl authors")
-               for k, v in item.items()}
+        rec = {
+            k: v.replace("{{name}}", "llmctl").replace("{{author}}", "the llmctl authors")
+            for k, v in item.items()
+        }
         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
