@@ -33,7 +33,7 @@ from llmctl.files import MAX_JSON_BYTES, check_regular, display, open_regular, r
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
-KINDS = ("docs", "tokens", "checkpoint", "adapter", "samples", "export")
+KINDS = ("docs", "tokens", "checkpoint", "adapter", "samples", "export", "eval", "report")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -212,7 +212,7 @@ class Builder:
     def publish(self, force: bool) -> Manifest:
         """Write the manifest last, then move the directory into place in one rename."""
         files = self._files()
-        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        digest = files_digest(files)
         data = {
             "schema": SCHEMA,
             "kind": self.kind,
@@ -255,17 +255,41 @@ class Builder:
         return Manifest(path=self.out, data=data)
 
 
+def files_digest(files: dict[str, dict[str, Any]]) -> str:
+    """The digest of a `files` table ({name: {bytes, sha256}}): a manifest's `digest`, and a
+    raw folder's in an input ref, so `llmctl lineage` can recompute and compare both."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def raw_ref(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a raw input file, or for a folder the digest of its regular files'
+    table (as `files_digest`); {} for what cannot be read: the command's own reader reports
+    that with its own words, and lineage shows the link as unverifiable instead of trusted."""
+    try:
+        if path.is_file():
+            return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        if path.is_dir():
+            files = {}
+            for p in sorted(path.rglob("*")):
+                if p.is_file() and not p.is_symlink():
+                    rel = p.relative_to(path).as_posix()
+                    files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            size = sum(f["bytes"] for f in files.values())
+            return {"files": len(files), "bytes": size, "digest": files_digest(files)}
+    except (OSError, UsageError):
+        pass
+    return {}
+
+
 def input_ref(path: Path) -> dict[str, Any]:
-    """How a manifest names one input: an artifact by kind and digest, a file by size.
-    An input artifact's manifest is checked as `open_artifact` does (not its files' hashes)."""
+    """How a manifest names one input: an artifact by kind and digest, a raw file by size and
+    sha256, a raw folder by the digest of its files (`raw_ref`). An input artifact's manifest
+    is checked as `open_artifact` does (not its files' hashes)."""
     path = Path(path)
     if is_artifact(path):
         m = open_artifact(path, KINDS, verify=False)
         return {"path": display(path), "kind": m.kind, "digest": m.digest}
-    ref: dict[str, Any] = {"path": display(path), "kind": "file"}
-    if path.is_file():
-        ref["bytes"] = path.stat().st_size
-    return ref
+    return {"path": display(path), "kind": "file", **raw_ref(path)}
 
 
 @contextmanager

@@ -624,6 +624,9 @@ def eval(
         typer.Argument(help="Tokens artifact (val split), docs artifact or text files."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write the figures as an eval artifact.")
+    ] = None,
     seq_len: _opt("--seq-len", "Context per window (default: the model's).") = None,
     max_tokens: _opt("--max-tokens", "Score at most this many tokens.") = None,
     device: _opt("--device", "auto, cpu or cuda.", str) = None,
@@ -631,6 +634,7 @@ def eval(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     show_config: ShowOpt = False,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a checkpoint on held-out tokens or documents."""
@@ -640,7 +644,8 @@ def eval(
         verb.EvalConfig, config, sets, show_config,
         seq_len=seq_len, max_tokens=max_tokens, device=device, text_field=text_field,
     )  # fmt: skip
-    verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), cfg, as_json=as_json)
+    verb.run(need(checkpoint, "CHECKPOINT"), need(data, "DATA..."), cfg, as_json=as_json,
+             out=out, force=force)  # fmt: skip
 
 
 @command
@@ -789,6 +794,39 @@ def export(
 
     cfg = resolve(verb.ExportConfig, config, sets, show_config, format=format)
     verb.run(need(checkpoint, "CHECKPOINT"), need_out(out), cfg, force=force)
+
+
+@command
+def lineage(
+    artifact: Annotated[Path | None, typer.Argument(help="Artifact directory to trace.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the nodes as JSON.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The chain of artifacts behind ARTIFACT back to the raw files: each stage's command,
+    config digest and key figures; a link whose digest no longer matches is flagged."""
+    from llmctl.commands import lineage as verb
+
+    verb.run(need(artifact, "ARTIFACT"), as_json=as_json)
+
+
+@command
+def report(
+    artifacts: Annotated[
+        list[Path] | None, typer.Argument(help="Artifacts whose build to show (and all behind).")
+    ] = None,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show_config: ShowOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """One self-contained HTML page (+ the figures as JSON) of the build behind ARTIFACTS:
+    data funnel, tokenizer, loss curves, evals, preferences, samples."""
+    from llmctl.commands import report as verb
+
+    cfg = resolve(verb.ReportConfig, config, sets, show_config)
+    verb.run(need(artifacts, "ARTIFACT..."), need_out(out), cfg, force=force)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,6 +43,11 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def is_quiet() -> bool:
+    """Whether `set_quiet(True)` is in force (to restore it after a quiet section)."""
+    return _quiet
+
+
 def info(msg: str) -> None:
     """One informational line on stderr, unless quiet."""
     if not _quiet:

@@ -88,4 +88,26 @@ step quantize model --out model-int4 --method int4 --set eval_tokens=1024 --set 
 step quantize model --out model-static --method static --calib tokens --set decode_tokens=4
 step generate model-int4 --prompt "ROMEO:" --max-new-tokens 8
 step eval model-static tokens
+# an eval artifact, the lineage back to the raw files, and the report (matplotlib is core)
+step eval model tokens --out model-eval
+step lineage model-static --json > lineage.json
+step report model-eval model-int4 --out report
+test -s report/report.html
+# align: DPO (cached reference) on the bundled pairs, a reward model, eval RM PAIRS, and
+# generate refusing the reward model in one line
+head -n 40 "$root/recipes/data/pairs/continuation.jsonl" > pairs.jsonl
+step align model pairs.jsonl --out dpo --method dpo --steps 2 --batch-size 2 --seq-len 48 --device cpu
+step align model pairs.jsonl --out rm --method reward --steps 2 --batch-size 2 --seq-len 48 --device cpu
+step eval rm pairs.jsonl --seq-len 48
+# online RL against the reward model, and RLAIF with it as judge (pairs.jsonl, then DPO)
+printf '{"prompt": "ROMEO:"}\n{"prompt": "JULIET:"}\n{"prompt": "Who is there?"}\n' > prompts-rl.jsonl
+step align model prompts-rl.jsonl --out grpo --method grpo --reward rm --steps 1 --batch-size 2 \
+  --device cpu --set group_size=2 --set max_new_tokens=4 --set eval_prompts=1
+step align model prompts-rl.jsonl --out rlaif --method rlaif --judge rm --steps 1 --batch-size 2 \
+  --device cpu --set rlaif.k=2 --set rlaif.max_new_tokens=4
+test -s rlaif/pairs.jsonl
+rc=0
+"$llmctl" generate rm --prompt "hi" --max-new-tokens 2 2>gen.err || rc=$?
+test "$rc" -eq 2 && grep -q "reward model" gen.err \
+  || { echo "runtime-only: generate did not refuse the reward model (rc $rc)"; cat gen.err; exit 1; }
 echo "runtime-only: every command ran from a plain install"
