@@ -70,8 +70,9 @@ QUANTIZED := $(foreach q,$(QUANT),$(call m,q-$(q)))
 EVALS     := $(foreach c,$(CHECKPOINTS),$(call m,eval-$(c)))
 SAMPLES   := $(foreach c,$(PLAIN),$(call m,samples-$(c)))
 CHATS     := $(foreach c,$(CHATTERS),$(call m,chat-$(c)))
-LEAVES    := $(EVALS) $(SAMPLES) $(CHATS) $(LCHATS) $(QUANTIZED) $(GGUF) \
-             $(if $(wildcard $(CFG)/rm.toml),$(RM))
+# The GGUF export where the preset has export.toml (rwkv-tiny has none: llama.cpp has no RWKV-4).
+LEAVES    := $(EVALS) $(SAMPLES) $(CHATS) $(LCHATS) $(QUANTIZED) \
+             $(if $(wildcard $(CFG)/export.toml),$(GGUF)) $(if $(wildcard $(CFG)/rm.toml),$(RM))
 
 .PHONY: all report
 # Every manifest is a real target, never an intermediate file for make to delete.
