@@ -12,7 +12,7 @@
 #          │                                            └─ align (RLAIF, rm judges) ─▶ rlaif ─ ...
 #          ├─ lora ─▶ lora ─── lora-chat
 #          ├─ distill (a smaller student, logits on tokens) ─▶ distill ─ eval-distill, samples-distill
-#          └─ quantize ─▶ q-int8, q-int4, q-static, q-qat ─ samples-q-*
+#          └─ quantize ─▶ q-int8, q-int4, q-static, q-qat ─ eval-q-*, samples-q-*
 #   everything ─report─▶ report/report.html
 #
 #   make -f recipes/build.mk PRESET=small OUT=out LLMCTL=.venv/bin/llmctl all   (make -j2 works)
@@ -58,11 +58,13 @@ PROMPTS ?= $(DATA)/prompts/prompts.jsonl
 # The align stages a preset runs: dpo always; rm + grpo and rlaif when it has their TOMLs.
 ALIGNED := dpo $(if $(wildcard $(CFG)/grpo.toml),grpo) $(if $(wildcard $(CFG)/rlaif.toml),rlaif)
 
-# Checkpoints that get an eval artifact (val bits per byte on the tokens' val split), and the
-# ones sampled with a plain prompt or a chat turn. The reward model joins the report as it is
-# (its held-out pairwise accuracy; it does not generate).
+# Checkpoints that get an eval artifact (val bits per byte on the tokens' whole val split; the
+# quantized ones too, so the report's table compares every model on the same tokens, not on the
+# quantize report's capped sample), and the ones sampled with a plain prompt or a chat turn.
+# The reward model joins the report as it is (its held-out pairwise accuracy; it does not
+# generate).
 QUANT       := int8 int4 static qat
-CHECKPOINTS := model sft distill $(ALIGNED)
+CHECKPOINTS := model sft distill $(ALIGNED) $(QUANT:%=q-%)
 PLAIN       := model distill $(QUANT:%=q-%)
 CHATTERS    := sft $(ALIGNED)
 

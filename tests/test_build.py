@@ -35,6 +35,7 @@ pytestmark = [
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 DATA_STAGES = ("clean", "dedup", "tokens")
+QUANT = ("int8", "int4", "static", "qat")
 
 
 def make_cmd(out: str, *targets: str, flags: tuple[str, ...] = ()) -> list[str]:
@@ -75,7 +76,7 @@ def test_the_tiny_chain_builds_every_stage(build: Path, monkeypatch: pytest.Monk
              "lora-chat": "samples", "report": "report", "dpo": "checkpoint",
              "rm": "checkpoint", "grpo": "checkpoint", "rlaif": "checkpoint",
              "eval-dpo": "eval", "chat-dpo": "samples", "chat-grpo": "samples",
-             "chat-rlaif": "samples"}  # fmt: skip
+             "chat-rlaif": "samples", **{f"eval-q-{q}": "eval" for q in QUANT}}  # fmt: skip
     arts = {name: open_artifact(out / name, kind) for name, kind in kinds.items()}
     assert arts["dedup"].data["inputs"]["input-0"]["digest"] == arts["clean"].digest
     assert arts["tokens"].data["inputs"]["input-0"]["digest"] == arts["dedup"].digest
@@ -120,6 +121,10 @@ def test_the_tiny_chain_builds_every_stage(build: Path, monkeypatch: pytest.Monk
         "dpo": "aligned", "grpo": "aligned", "rlaif": "aligned",
     }  # fmt: skip
     assert all(r["val_bits_per_byte"] for r in figures["evals"])
+    # every row's bits per byte from an eval artifact: the same whole val split for all
+    assert {r["bpb_source"] for r in figures["evals"]} == {"eval"}
+    q8 = next(r for r in figures["evals"] if r["path"].endswith("q-int8"))
+    assert q8["val_bits_per_byte"] == arts["eval-q-int8"].stats["bits_per_byte"]
     # pretrain, finetune, lora, distill, qat, and the four align runs
     assert len(figures["training"]) == 9
     assert {p["path"].split("/")[-1] for p in figures["preference"]} == {
@@ -157,7 +162,7 @@ ALIGNED = {"dpo", "eval-dpo", "chat-dpo", "rm", "grpo", "eval-grpo", "chat-grpo"
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
-        ("quantize-int4.toml", {"q-int4", "samples-q-int4", "report"}),
+        ("quantize-int4.toml", {"q-int4", "eval-q-int4", "samples-q-int4", "report"}),
         ("finetune.toml", {"sft", "eval-sft", "chat-sft", "gguf", "report", *ALIGNED}),
         ("rm.toml", {"rm", "grpo", "eval-grpo", "chat-grpo", "rlaif", "eval-rlaif",
                      "chat-rlaif", "report"}),
@@ -166,7 +171,8 @@ ALIGNED = {"dpo", "eval-dpo", "chat-dpo", "rm", "grpo", "eval-grpo", "chat-grpo"
                            "gguf", "lora", "lora-chat", "distill", "eval-distill",
                            "samples-distill", "q-int8", "q-int4", "q-static", "q-qat",
                            "samples-q-int8", "samples-q-int4", "samples-q-static",
-                           "samples-q-qat", "report", *ALIGNED}),
+                           "samples-q-qat", *{f"eval-q-{q}" for q in QUANT}, "report",
+                           *ALIGNED}),
     ],
 )  # fmt: skip
 def test_touching_one_toml_reruns_exactly_what_follows(
@@ -195,6 +201,7 @@ def test_a_touched_toml_rebuilds_only_its_stage_and_the_report(build: Path) -> N
         "eval-dpo",
         "eval-grpo",
         "eval-rlaif",
+        *{f"eval-q-{q}" for q in QUANT},
         "report",
     }
     now = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/manifest.json")}
