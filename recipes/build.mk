@@ -77,8 +77,11 @@ LEAVES    := $(EVALS) $(SAMPLES) $(CHATS) $(LCHATS) $(QUANTIZED) \
              $(if $(wildcard $(CFG)/export.toml),$(GGUF)) $(if $(wildcard $(CFG)/rm.toml),$(RM))
 
 .PHONY: all report
-# Every manifest is a real target, never an intermediate file for make to delete.
-.SECONDARY:
+# Every manifest is named explicitly above (LEAVES and the stage variables), so none is an
+# intermediate file: a deleted artifact is rebuilt. (A bare `.SECONDARY:` would make them all
+# intermediate, and make would then skip a missing one whose dependents look up to date.)
+# PRECIOUS: an interrupted stage's manifest is never deleted by make (llmctl writes it last).
+.PRECIOUS: $(OUT)/%/manifest.json
 
 all: $(REPORT)
 	@echo "report: $(OUT)/report/report.html"

@@ -188,6 +188,24 @@ def test_touching_one_toml_reruns_exactly_what_follows(
     assert planned(build) == set()
 
 
+@pytest.mark.parametrize(
+    ("gone", "expected"),
+    [("eval-sft", {"eval-sft", "report"}), ("q-int8", {"q-int8", "eval-q-int8",
+                                                      "samples-q-int8", "report"})],
+)  # fmt: skip
+def test_a_deleted_artifact_is_rebuilt_with_what_follows(
+    build: Path, gone: str, expected: set[str]
+) -> None:
+    """make sees a missing artifact (none is an intermediate file it may skip)."""
+    out = build / "out"
+    (out / gone).rename(build / f"{gone}.aside")
+    try:
+        assert planned(build) == expected
+    finally:
+        (build / f"{gone}.aside").rename(out / gone)
+    assert planned(build) == set()
+
+
 def test_a_touched_toml_rebuilds_only_its_stage_and_the_report(build: Path) -> None:
     out = build / "out"
     mtimes = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/manifest.json")}
