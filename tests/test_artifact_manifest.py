@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,15 @@ def test_manifest_records_inputs_timestamps_and_lists_files_in_order(tmp_path: P
     assert m.digest == hashlib.sha256(files).hexdigest()
     listed = make(tmp_path / "third", inputs=[loose]).joinpath("manifest.json").read_text()
     assert json.loads(listed)["inputs"] == {"input-0": want}
+
+
+def test_duration_counts_from_when_the_command_started(tmp_path: Path) -> None:
+    """eval and generate compute first and publish at the end: `started` makes duration_s
+    the command's time, not the few milliseconds of writing the files."""
+    with building(tmp_path / "e", kind="eval", command="eval", config={},
+                  started=time.time() - 7.5) as art:  # fmt: skip
+        (art.dir / "eval.json").write_text("{}")
+    assert 7.5 <= open_artifact(tmp_path / "e", "eval").data["duration_s"] < 60
 
 
 @pytest.mark.parametrize(

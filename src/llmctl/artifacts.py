@@ -302,6 +302,7 @@ def building(
     inputs: dict[str, Path] | list[Path] | None = None,
     force: bool = False,
     resume: bool = False,
+    started: float | None = None,
 ) -> Iterator[Builder]:
     """Build an artifact in `.OUT.partial/` and publish it when the block ends without error.
 
@@ -309,6 +310,9 @@ def building(
     or a list of positional ones, recorded as `input-0`, `input-1`, ...
     `resume=True` (training) keeps an existing partial directory, and keeps it on failure so
     that rerunning the same command continues; otherwise a failed build leaves nothing behind.
+    `started` (a `time.time()`) is when the command began, for a command that computes first
+    and writes its artifact at the end (eval, generate): the manifest's duration_s counts
+    from it.
     """
     assert kind in KINDS, kind
     out = Path(out)
@@ -330,6 +334,8 @@ def building(
         shutil.rmtree(tmp)
     tmp.mkdir(exist_ok=True)
     b = Builder(out=out, dir=tmp, kind=kind, command=command, config=config, inputs=refs)
+    if started is not None:
+        b.started = started
     try:
         yield b
         b.publish(force=force)  # inside the try: a failed publish leaves nothing behind either

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -149,6 +150,7 @@ def run(
     from llmctl.tokenizer import check_fits, load_specials, load_tokenizer
     from llmctl.train.distributed import pick_device
 
+    started = time.time()
     open_artifact(checkpoint, "checkpoint")
     tok = load_tokenizer(checkpoint)
     specials = load_specials(checkpoint)
@@ -202,9 +204,8 @@ def run(
         print(json.dumps(result, indent=2))
     if out is not None:
         inputs = {"checkpoint": checkpoint, **{f"eval-{i}": p for i, p in enumerate(data)}}
-        with building(
-            out, kind="eval", command="eval", config=to_dict(cfg), inputs=inputs, force=force
-        ) as art:
+        with building(out, kind="eval", command="eval", config=to_dict(cfg), inputs=inputs,
+                      force=force, started=started) as art:  # fmt: skip
             (art.dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
             art.stats.update(result)
     return result

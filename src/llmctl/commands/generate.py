@@ -218,6 +218,7 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     if not given and not repl:
         raise UsageError("give --prompt TEXT or --prompts FILE.jsonl (or --chat on a terminal)")
     items = read_prompts(Path(cfg.prompts)) if cfg.prompts else [("--prompt", cfg.prompt)]
+    started = time.time()  # the samples manifest's duration_s: loading included
     model, tok, ckpt, draft = _load(cfg, checkpoint)
     specials = load_specials(checkpoint)
     pad_id = specials.pad_or_eos
@@ -309,7 +310,7 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
                     rec["score"] = c.score
                 records.append({**rec, "settings": settings})
     seconds = time.perf_counter() - t0
-    _finish(records, seconds, cfg, checkpoint, ckpt, out, force)
+    _finish(records, seconds, cfg, checkpoint, ckpt, out, force, started)
     return records
 
 
@@ -319,7 +320,7 @@ def _header(n_prompts: int, n_samples: int, index: int, s: int) -> None:
 
 
 def _finish(records: list[dict[str, Any]], seconds: float, cfg: GenerateConfig, checkpoint: Path,
-            ckpt: Any, out: Path | None, force: bool) -> None:  # fmt: skip
+            ckpt: Any, out: Path | None, force: bool, started: float) -> None:  # fmt: skip
     new_tokens = sum(r["completion_tokens"] for r in records)
     reasons = Counter(r["finish_reason"] for r in records)
     stats = {
@@ -336,7 +337,7 @@ def _finish(records: list[dict[str, Any]], seconds: float, cfg: GenerateConfig, 
         inputs |= {"adapter": Path(cfg.adapter)} if cfg.adapter else {}
         inputs |= {"draft": Path(cfg.draft)} if cfg.draft else {}
         with building(out, kind="samples", command="generate", config=to_dict(cfg),
-                      inputs=inputs, force=force) as art:  # fmt: skip
+                      inputs=inputs, force=force, started=started) as art:  # fmt: skip
             with open(art.dir / "samples.jsonl", "w", encoding="utf-8") as f:
                 for r in records:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
