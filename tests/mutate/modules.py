@@ -28,6 +28,7 @@ MODULES: dict[str, list[str]] = {
     "model/lora.py": ["tests/test_lora_edges.py", "tests/test_lora.py"],
     "train/preference.py": ["tests/test_preference_edges.py", "tests/test_align.py"],
     "train/online.py": ["tests/test_online_edges.py", "tests/test_online.py"],
+    "train/reference.py": ["tests/test_reference.py", "tests/test_align.py"],
 }  # fmt: skip
 
 # Mutants sampled per module (all of them when a module has fewer).

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -42,7 +41,6 @@ from llmctl.runtime import info, seed_everything, summary, warn
 from llmctl.train.rlaif import PairSettings
 from llmctl.train.settings import COSMETIC, TrainSettings, check_steps_or_epochs
 
-REFERENCE_SECONDS: dict[str, float] = {}  # the reference pass of this process, for the stats
 METHODS = ("dpo", "ipo", "simpo", "orpo", "kto", "reward")
 
 
@@ -177,9 +175,14 @@ def train_preference(
     )
     from llmctl.train import distributed
     from llmctl.train.batches import StepBatches, as_tensors
+    from llmctl.train.reference import (
+        cached_reference_logps,
+        reference_context,
+        reference_fn,
+        score_model,
+    )
     from llmctl.train.run import train_and_publish
 
-    REFERENCE_SECONDS.clear()
     ckpt = open_artifact(checkpoint, "checkpoint")
     if Path(out).exists() and not force:
         raise UsageError(f"{out}: already exists; use --force to replace it")
@@ -228,16 +231,20 @@ def train_preference(
     base_dtype = next(model.parameters()).dtype
     model = model.float()
     if cfg.method == "reward":
-        model = _score_model(model, cfg.seed)
+        model = score_model(model, cfg.seed)
     model = model.to(world.device)
     objective = _objective(cfg)
-    ref_state = "none"
+    ref_state, ref_seconds = "none", 0.0
     cache: torch.Tensor | None = None
     if objective.needs_reference:
         key = hashlib.sha256(json.dumps([ckpt.digest, items_digest(items), cfg.dtype],
                                         sort_keys=True).encode()).hexdigest()  # fmt: skip
         if cfg.reference_cache:
-            cache, ref_state = _reference_cache(model, items, out, key, cfg, world)
+            path = partial_dir(out) / "_state" / f"reference-{key[:16]}.safetensors"
+            cache, ref_state, ref_seconds = cached_reference_logps(
+                model, items, path, key, batch_size=cfg.batch_size, precision=cfg.dtype,
+                device=world.device, main=world.main,
+            )  # fmt: skip
         else:
             ref_state = "every step"
     adapted: list[str] = []
@@ -250,9 +257,13 @@ def train_preference(
                                  cfg.lora_dropout)  # fmt: skip
         except ValueError as e:
             raise UsageError(f"config key 'lora_targets': {e}") from None
-    reference = _reference_module(model, cfg, objective.needs_reference and cache is None)
+    # the reference model runs every step (uncached) and/or in the KL probe; a reward model has none
+    every_step = objective.needs_reference and cache is None
+    reference = None
+    if cfg.method != "reward" and (every_step or cfg.kl_pairs):
+        reference = reference_context(model, cfg.lora)
     if reference is not None and hasattr(objective, "reference"):
-        objective.reference = _ref_fn(reference)
+        objective.reference = reference_fn(reference)
 
     def with_ref(b: dict[str, Any]) -> dict[str, Any]:
         if cache is not None:
@@ -329,7 +340,7 @@ def train_preference(
         return {
             "preference": pref,
             "reference": ref_state,
-            "reference_s": round(sum(REFERENCE_SECONDS.values()), 3),
+            "reference_s": round(ref_seconds, 3),
             "seq_len": seq_len,
             "records": s["records"],
             "rejected_reasons": s["rejected"],
@@ -371,92 +382,6 @@ def _objective(cfg: AlignConfig) -> Any:
                             undesirable_weight=cfg.kto_undesirable_weight)  # fmt: skip
     return PairObjective(cfg.method, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                          simpo_gamma=cfg.simpo_gamma, orpo_lambda=cfg.orpo_lambda)  # fmt: skip
-
-
-def _score_model(lm: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """A `head = "score"` copy of `lm`: every weight but the lm head, a new scalar head."""
-    seed_everything(seed)
-    config = dataclasses.replace(lm.config, head="score")
-    rm = type(lm)(config)
-    state = {k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
-    missing, unexpected = rm.load_state_dict(state, strict=False)
-    assert set(missing) == {"score.weight"} and not unexpected, (missing, unexpected)
-    return rm
-
-
-def _reference_module(model: torch.nn.Module, cfg: AlignConfig, every_step: bool) -> Any:
-    """`reference()` context manager for the KL probe and the uncached mode: the model with its
-    adapters off (LoRA), or a frozen copy of the starting model; None when neither is used."""
-    from contextlib import contextmanager
-
-    if cfg.method == "reward" or not (every_step or cfg.kl_pairs):
-        return None
-    if cfg.lora:
-        from llmctl.model.lora import adapters_disabled
-
-        @contextmanager
-        def off() -> Any:
-            with adapters_disabled(model):
-                yield model
-
-        return off
-    from llmctl.train.preference import frozen
-
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-    return frozen(ref)
-
-
-def _ref_fn(reference: Any) -> Any:
-    from llmctl.train.preference import sequence_logps
-
-    @torch.no_grad()
-    def fn(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with reference() as ref:
-            return sequence_logps(ref, tokens, mask)[0]
-
-    return fn
-
-
-def _reference_cache(model: torch.nn.Module, items: list[Any], out: Path, key: str,
-                     cfg: AlignConfig, world: Any) -> tuple[torch.Tensor, str]:  # fmt: skip
-    """The reference log-probs of every item, [N, 2]: read from the in-progress output's
-    cache when its key matches, else computed with the starting model and written there."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from llmctl.data.preferences import PairRows
-    from llmctl.model.io import check_safetensors
-    from llmctl.train import preference
-
-    path = partial_dir(out) / "_state" / f"reference-{key[:16]}.safetensors"
-    if path.is_file():
-        try:
-            check_safetensors(path)
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                t = f.get_tensor("logps")
-            if (meta.get("key") == key and t.dtype == torch.float32
-                    and tuple(t.shape) == (len(items), 2) and torch.isfinite(t).all()):  # fmt: skip
-                return t, "cached (reused)"
-        except Exception as e:  # a damaged cache is recomputed, never trusted
-            warn(f"{path}: unreadable reference cache ({type(e).__name__}); recomputing")
-        warn(f"{path}: reference cache does not match this run; recomputing")
-    import time
-
-    began = time.perf_counter()
-    rows = PairRows(items, list(range(len(items))), batch_size=cfg.batch_size, seed=0,
-                    pad_id=0, shuffle=False)  # fmt: skip
-    t = preference.reference_logps(model, rows.sequential(), len(items), device=world.device,
-                                   precision=cfg.dtype)  # fmt: skip
-    if not torch.isfinite(t).all():
-        raise UsageError("reference log-probs are not finite (the checkpoint is broken?)")
-    if world.main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"logps": t.contiguous()}, tmp, metadata={"key": key, "items": str(len(items))})
-        tmp.replace(path)
-    REFERENCE_SECONDS[key] = time.perf_counter() - began
-    return t, "cached (computed once)"
 
 
 def _tokenizer_config(checkpoint: Path, base_template: str | None, template: str) -> bytes | None:
