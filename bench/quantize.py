@@ -13,6 +13,11 @@ weight-only (embedding and tied head int8 too), interleaved repeats, best kept, 
 
     .venv/bin/python bench/quantize.py --checkpoint out/model --tokens out/tokens [--markdown]
     .venv/bin/python bench/quantize.py --skip-checkpoint      # part 2 only
+    .venv/bin/python bench/quantize.py --rows --threads 1      # part 3 only
+
+Part 3, one quantized Linear at 1 to 2,048 rows (decoding is one row, eval and prefill are
+thousands): the layer as it dispatches (the CPU integer kernel at one row, dequantize + float
+GEMM beyond) against the integer kernel forced at every row count, and the float Linear.
 """
 
 from __future__ import annotations
@@ -122,6 +127,45 @@ def part2(threads: int, tokens: int, repeats: int) -> list[dict]:
     ]  # fmt: skip
 
 
+def part3(repeats: int) -> list[list[str]]:
+    """ms per call of a quantized Linear (d 384 -> 1024 and 768 -> 2304), dispatched vs the
+    integer kernel forced, and the float Linear, at 1..2,048 rows (fp32 activations)."""
+
+    def ms(f: Any, *args: Any) -> float:
+        f(*args)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f(*args)
+            best = min(best, time.perf_counter() - t)
+        return best * 1e3
+
+    def int8_kernel(x: torch.Tensor, q: Q.Int8Linear) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, q.qweight, q.scale) + q.bias
+
+    def int4_kernel(x: torch.Tensor, q: Q.Int4Linear) -> torch.Tensor:
+        packed, scales = q._kernel_args(x.dtype)  # type: ignore[misc]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, q.group, scales) + q.bias
+
+    head = ["layer", "rows", "float ms", "dispatched ms", "kernel forced ms", "forced / dispatched"]
+    lines = [head]
+    for k, n in ((384, 1024), (768, 2304)):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(k, n)
+        layers = (("int8", Q.Int8Linear.from_linear(lin), int8_kernel),
+                  ("int4 g32", Q.Int4Linear.from_weight(lin.weight.detach(), lin.bias.detach(),
+                                                        32, False), int4_kernel))  # fmt: skip
+        for rows in (1, 2, 16, 256, 2048):
+            x = torch.randn(rows, k)
+            with torch.no_grad():
+                base = ms(lin, x)
+                for name, q, kernel in layers:
+                    d, f = ms(q, x), ms(kernel, x, q)
+                    lines.append([f"{name} {k}->{n}", str(rows), f"{base:.3f}", f"{d:.3f}",
+                                  f"{f:.3f}", f"{f / d:.2f}"])  # fmt: skip
+    return lines
+
+
 def table(rows: list[dict]) -> list[list[str]]:
     out = [["method", "file", "× fp32", "val loss", "bpb", "Δ bpb", "decode tok/s", "× base"]]
     base = rows[0]["before"]
@@ -172,6 +216,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--json", type=Path, help="also write every figure here")
     ap.add_argument("--markdown", action="store_true", help="print rows for docs/benchmarks.md")
+    ap.add_argument("--rows", action="store_true", help="part 3 only: the layer by row count")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,6 +224,10 @@ def main() -> None:
     where = (f"CPU {torch.get_num_threads()} threads, torch {torch.__version__}, "
              f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")  # fmt: skip
     result: dict[str, Any] = {"where": where}
+    if args.rows:
+        print(f"<!-- bench/quantize.py part 3: {where} -->")
+        print_table(part3(args.repeats), args.markdown)
+        return
     if not args.skip_checkpoint:
         if not (args.checkpoint and args.tokens):
             ap.error("--checkpoint and --tokens are needed (or --skip-checkpoint)")

@@ -86,6 +86,26 @@ def test_dynamic_and_static_activation_error() -> None:
         assert torch.allclose(static(x), expect, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("act", ["int4", None, "dynamic", "static"])
+def test_a_batch_and_its_rows_one_at_a_time_agree(act: str | None) -> None:
+    """One row (decoding at batch 1) runs the CPU integer kernel, several rows (eval, prefill)
+    dequantize and run a float GEMM: the two paths give the same outputs."""
+    lin = linear()
+    if act == "int4":
+        q: nn.Module = Q.Int4Linear.from_weight(lin.weight, lin.bias, 32, False)
+    else:
+        q = Q.Int8Linear.from_linear(lin, act)
+        if act == "static":
+            q.input_scale.fill_(0.02)
+    x = torch.randn(2, 5, 256)
+    assert not Q._kernel_ok(x, (torch.float32,)) and Q._kernel_ok(x[:1, :1], (torch.float32,))
+    with torch.no_grad():
+        batch = q(x)
+        rows = torch.stack([torch.cat([q(x[b, t][None, None]) for t in range(5)], 1)[0]
+                            for b in range(2)])  # fmt: skip
+    torch.testing.assert_close(rows, batch, rtol=1e-5, atol=1e-5)
+
+
 def test_int4_bf16_scales_round_up_so_nothing_clips() -> None:
     lin = linear()
     w = lin.weight.detach().bfloat16()
