@@ -22,7 +22,7 @@ from llmctl.config import helpful, to_dict
 from llmctl.errors import UsageError
 from llmctl.lineage import Node, walk
 from llmctl.report import SECTIONS, gather, plots, render_html
-from llmctl.runtime import info, is_quiet, set_quiet, summary, warn
+from llmctl.runtime import is_quiet, set_quiet, summary, warn
 
 
 @dataclass(frozen=True)
@@ -99,5 +99,4 @@ def run(artifacts: list[Path], out: Path, cfg: ReportConfig, force: bool = False
         [("artifacts traced", len(figures["artifacts"])), ("checkpoints", len(figures["evals"])),
          ("plots", len(images)), ("page", str(out / "report.html"))],
     )  # fmt: skip
-    info(f"report: {out / 'report.html'}")
     return figures
