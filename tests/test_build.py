@@ -121,6 +121,7 @@ def test_the_tiny_chain_builds_every_stage(build: Path, monkeypatch: pytest.Monk
         "dpo": "aligned", "grpo": "aligned", "rlaif": "aligned",
     }  # fmt: skip
     assert all(r["val_bits_per_byte"] for r in figures["evals"])
+    assert all(r["params"] for r in figures["evals"])  # aligned ones too
     # every row's bits per byte from an eval artifact: the same whole val split for all
     assert {r["bpb_source"] for r in figures["evals"]} == {"eval"}
     q8 = next(r for r in figures["evals"] if r["path"].endswith("q-int8"))

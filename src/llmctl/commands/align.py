@@ -346,6 +346,12 @@ def train_preference(
             "rejected_reasons": s["rejected"],
             "data_files": s["files"],
             "epochs": round(rows.epoch_of(steps * cfg.grad_accum * world.size), 4),
+            # every parameter of the published model (aux heads are dropped on save)
+            "params": sum(
+                p.numel()
+                for n, p in model.named_parameters()
+                if not n.startswith("aux.") and "lora_" not in n
+            ),
             "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "adapted_layers": len(adapted),
             "chat_template": "base" if base_template else "llmctl default",

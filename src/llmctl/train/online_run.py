@@ -199,6 +199,12 @@ def run_online(
                 "steps": result.steps,
             },
             "prompts": {**got.stats, "train": len(keep), "held_out": len(held)},
+            # the published model's parameters (the value head in model.aux is not saved)
+            "params": sum(
+                p.numel()
+                for n, p in policy.named_parameters()
+                if not n.startswith("aux.") and "lora_" not in n
+            ),
             **({"lora": lora_block} if lora_block else {}),
         }
 
