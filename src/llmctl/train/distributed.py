@@ -25,6 +25,25 @@ from torch import nn
 from llmctl.errors import UsageError
 
 STRATEGIES = ("ddp", "fsdp")
+# How long a collective waits for the other ranks before it fails (NCCL and gloo alike): a
+# rank that died or hangs ends the run with an error instead of a silent wait. PyTorch's own
+# default is 10 minutes for NCCL and 30 for gloo; LLMCTL_DIST_TIMEOUT_S sets it (seconds).
+TIMEOUT_ENV = "LLMCTL_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def timeout_s() -> float:
+    """The collective timeout in seconds: LLMCTL_DIST_TIMEOUT_S, else 600."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UsageError(f"environment variable {TIMEOUT_ENV}: seconds > 0, got {raw!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -62,9 +81,12 @@ def init(device: str = "auto") -> World:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if size > 1 and not dist.is_initialized():
+        from datetime import timedelta
+
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
             device_id=dev if dev.type == "cuda" else None,
+            timeout=timedelta(seconds=timeout_s()),
         )
     return World(rank=rank, size=size, local_rank=local_rank, device=dev)
 

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from llmctl.artifacts import building, partial_dir
+from llmctl.errors import DistributedFailure
 from llmctl.train import distributed
 from llmctl.train.loop import Batches, Probe, TrainResult, Writer, as_dict, train
 from llmctl.train.objectives import Objective
@@ -81,7 +83,10 @@ def train_and_publish(
     """Train on every rank, then publish `out` (a `kind` artifact) from rank 0: `save(dir,
     model)` writes the trained model's files, the manifest's stats are the loop's result plus
     `stats(result)`. In-progress state lives in `.OUT.partial/_state`, so rerunning the same
-    command resumes. Returns the stats (empty on ranks > 0). Shuts the process group down."""
+    command resumes. Returns the stats (empty on ranks > 0). Shuts the process group down.
+    A failed or timed-out collective (another rank died or hangs) becomes a one-line
+    `DistributedFailure`; the state saved so far stays for the rerun."""
+    failed = False
     try:
         if not world.main:  # ranks > 0 only read the state rank 0 writes
             distributed.barrier()
@@ -105,8 +110,35 @@ def train_and_publish(
             if stats is not None:
                 art.stats.update(stats(result))
         return art.stats
+    except RuntimeError as e:
+        if world.size == 1 or not collective_failed(e):
+            raise
+        failed = True
+        raise DistributedFailure(
+            f"rank {world.rank} of {world.size}: a collective failed ({reason(e)}); another "
+            f"training process died or stopped answering (timeout {distributed.timeout_s():g} "
+            f"s, {distributed.TIMEOUT_ENV}); the state saved so far is kept: rerun the same "
+            "command to resume"
+        ) from None
     finally:
-        distributed.shutdown()
+        if not failed:  # tearing down a group whose peer is gone can block: let exit do it
+            distributed.shutdown()
+
+
+def collective_failed(e: BaseException) -> bool:
+    """Whether `e` is a failed or timed-out collective: NCCL raises DistError, gloo a plain
+    RuntimeError whose message comes from gloo's transport (`.../gloo/transport/...`)."""
+    return isinstance(e, torch.distributed.DistError) or (
+        isinstance(e, RuntimeError) and "/gloo/" in str(e)
+    )
+
+
+def reason(e: BaseException) -> str:
+    """A collective error's first sentence, without gloo's source location, at most 200
+    characters: "Timed out waiting 600000ms for recv operation to complete"."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # "[/.../pair.cc:537] "
+    return text.split(". This is typically")[0][:200]
 
 
 def device_name(world: distributed.World) -> str:
