@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def _score_missing(figures: dict[str, Any], nodes: list[Node], cfg: ReportConfig
 
 def run(artifacts: list[Path], out: Path, cfg: ReportConfig, force: bool = False) -> dict:
     """Write the report artifact for `artifacts`; returns the figures."""
+    started = time.time()  # the manifest's duration_s: tracing, scoring and plotting included
     for a in artifacts:
         open_artifact(a, ("docs", "tokens", "checkpoint", "adapter", "samples", "export",
                           "eval"), verify=False)  # fmt: skip
@@ -85,7 +87,7 @@ def run(artifacts: list[Path], out: Path, cfg: ReportConfig, force: bool = False
     images = plots(figures)
     page = render_html(figures, images, cfg.title)
     with building(out, kind="report", command="report", config=to_dict(cfg),
-                  inputs=list(artifacts), force=force) as art:  # fmt: skip
+                  inputs=list(artifacts), force=force, started=started) as art:  # fmt: skip
         (art.dir / "report.html").write_text(page, encoding="utf-8")
         (art.dir / "report.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
         art.stats.update(
