@@ -106,6 +106,20 @@ def test_a_batch_and_its_rows_one_at_a_time_agree(act: str | None) -> None:
     torch.testing.assert_close(rows, batch, rtol=1e-5, atol=1e-5)
 
 
+def test_the_quantized_module_table_says_what_each_layer_holds() -> None:
+    """The rows the manifest's `quantized` stats and the printed table are made from."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=64, tie_embeddings=True))
+    Q.quantize(model, Q.QuantSpec("int4", group_size=32))
+    rows = {r["module"]: r for r in Q.quantized_modules(model)}
+    q = {"module": "blocks.0.attn.q_proj", "kind": "int4", "shape": [64, 64], "group": 32,
+         "how": "group 32"}  # fmt: skip
+    assert rows["blocks.0.attn.q_proj"] == q
+    assert rows["tok_emb"] == {"module": "tok_emb", "kind": "int8", "shape": [64, 64],
+                               "how": "per row"}  # fmt: skip
+    assert rows["lm_head"] == {"module": "lm_head", "kind": "int8", "how": "tied to tok_emb"}
+
+
 def test_int4_bf16_scales_round_up_so_nothing_clips() -> None:
     lin = linear()
     w = lin.weight.detach().bfloat16()

@@ -61,6 +61,11 @@ def test_computed_once_then_reused_without_running_the_model(
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("the reference ran again")
 
+    assert seconds < 60  # the time the pass took, not a clock reading
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"key": "k1", "items": "5"}
     monkeypatch.setattr(preference, "reference_logps", boom)
     again, state, seconds = cached(model, its, path)
     assert state == "cached (reused)" and seconds == 0.0 and torch.equal(again, first)
@@ -131,3 +136,33 @@ def _rows(its: list[Item]) -> Iterator[dict[str, Any]]:
 
     return PairRows(its, list(range(len(its))), batch_size=2, seed=0, pad_id=0,
                     shuffle=False).sequential()  # fmt: skip
+
+
+def test_the_precision_is_the_one_asked_for(tmp_path: Path) -> None:
+    """bf16 on the CPU when asked (the cache key holds the precision): not fp32's numbers."""
+    model, its = tiny(), items()
+    bf16, _, _ = cached_reference_logps(model, its, tmp_path / "a", "k", batch_size=2,
+                                        precision="bfloat16", device=CPU, main=True)  # fmt: skip
+    fp32, _, _ = cached_reference_logps(model, its, tmp_path / "b", "k", batch_size=2,
+                                        precision="float32", device=CPU, main=True)  # fmt: skip
+    direct = preference.reference_logps(model, _rows(its), len(its), device=CPU,
+                                        precision="bfloat16")  # fmt: skip
+    assert torch.equal(bf16, direct) and not torch.equal(bf16, fp32)
+
+
+def test_a_broken_checkpoint_is_one_line_and_caches_nothing(tmp_path: Path) -> None:
+    from llmctl.errors import UsageError
+
+    model, path = tiny(), tmp_path / "reference.safetensors"
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(UsageError, match=r"^reference log-probs are not finite \(the checkpoint"):
+        cached(model, items(), path)
+    assert not path.exists()
+
+
+def test_the_frozen_copy_has_no_trainable_parameters() -> None:
+    model = tiny()
+    with reference_context(model, lora=False)() as ref:
+        assert ref is not model and not any(p.requires_grad for p in ref.parameters())
+    assert all(p.requires_grad for p in model.parameters())

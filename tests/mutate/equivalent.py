@@ -89,6 +89,8 @@ EQUIVALENT: dict[str, str] = {
     # model/quant.py
     "llmctl.model.quant.xǁInt4Linearǁfrom_weight__mutmut_10": "the bias buffer is registered "
     "(as None) either way, and from_weight assigns the bias to it when there is one",
+    "llmctl.model.quant.x_int4_codes__mutmut_35": "the nibbles stay float32 (exact integers "
+    "0..15) instead of int32: every caller packs them into uint8 with the same values",
     # model/rwkv.py
     "llmctl.model.rwkv.x_wkv_chunked__mutmut_24": "the extra pass at off == L combines empty "
     "slices (a[:, :-L], a[:, L:]): it changes nothing",
@@ -119,6 +121,14 @@ EQUIVALENT: dict[str, str] = {
     "llmctl.train.online.x_attach_value_head__mutmut_7": "bias=True is nn.Linear's default",
     "llmctl.train.online.x_grpo_loss__mutmut_18": "mask.to(None) keeps the integer mask: "
     "float * int and float / int promote to the same float values",
+    # train/reference.py
+    "llmctl.train.reference.x_cached_reference_logps__mutmut_49": "the pad id of right-padded "
+    "rows: a causal model never attends forward and padded positions are masked out of the "
+    "sums, so no log-prob depends on it",
+    "llmctl.train.reference.x_cached_reference_logps__mutmut_76": "the temporary file's "
+    "suffix: it is renamed into place either way",
+    "llmctl.train.reference.x_score_model__mutmut_23": "an internal check that no model here can "
+    "fail: loading an LM's weights without lm_head misses exactly score.weight, unexpects none",
 }
 
 # Survivors that are not equivalent but stay, each with why: they count against the score.
@@ -129,6 +139,8 @@ KNOWN: dict[str, str] = {
     "dequantize + F.linear) is a speed matter: both agree to the tests' tolerance",
     "llmctl.model.quant.x__kernel_ok__mutmut_6": "which path runs (CPU integer kernel or "
     "dequantize + F.linear) is a speed matter: both agree to the tests' tolerance",
+    "llmctl.model.quant.xǁInt4Linearǁforward__mutmut_6": "which path runs (CPU integer kernel "
+    "or dequantize + F.linear) is a speed matter: both agree to the tests' tolerance",
     "llmctl.data.filters.xǁLanguageǁ__call____mutmut_5": "k=-1 (every label) vs the default "
     "k=1 only shows on a text whose second language is kept under a threshold < 0.5; the "
     "tests use the shipped lid model on one-language texts",

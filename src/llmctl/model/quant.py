@@ -636,18 +636,6 @@ def calibrate(
     return {name: obs.scale() for name, obs in observers.items()}
 
 
-def checkpoint_bytes_estimate(model: nn.Module) -> int:
-    """Bytes of every tensor the model would save (tied tables once)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
-
-
 def _block(model: nn.Module) -> dict[str, Any] | None:
     return getattr(model, "quantization", None)
 
