@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 from typer.testing import CliRunner
@@ -160,6 +161,31 @@ def test_int4_group_for_widths_it_does_not_divide() -> None:
 def test_bad_group_size_is_refused(group: int) -> None:
     with pytest.raises(ValueError, match="positive even"):
         Q.QuantSpec("int4", group_size=group)
+
+
+def test_the_smallest_group_size_is_two() -> None:
+    assert Q.QuantSpec("int4", group_size=2).group_size == 2
+
+
+def test_zero_point_scales_keep_the_weights_dtype_and_repr_says_it() -> None:
+    w = linear().weight.detach().bfloat16()
+    scale, zero = Q.int4_qparams(w, 32, zero_point=True)
+    assert scale.dtype == torch.bfloat16 and zero is not None and zero.dtype == torch.uint8
+    lin = Q.Int4Linear.from_weight(w.float(), None, 32, True)
+    assert repr(lin) == "Int4Linear(256, 96, group=32, zero_point=True)"
+    assert "zero_point=False" in repr(Q.Int4Linear.from_weight(w.float(), None, 32, False))
+
+
+def test_one_row_in_bf16_after_fp32_uses_bf16_kernel_arguments() -> None:
+    """The int4 kernel's packed arguments are cached per dtype: a bf16 call after an fp32
+    one gets bf16 scales, and both match the dequantized layer."""
+    lin = linear()
+    q = Q.Int4Linear.from_weight(lin.weight, lin.bias, 32, False)
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            want = F.linear(x.to(dtype), q.dequantize().to(dtype), lin.bias.to(dtype))
+            torch.testing.assert_close(q(x.to(dtype)), want, rtol=2e-2, atol=2e-2)
 
 
 def test_torchao_oracle_int4_fake_quant() -> None:

@@ -91,6 +91,10 @@ EQUIVALENT: dict[str, str] = {
     "(as None) either way, and from_weight assigns the bias to it when there is one",
     "llmctl.model.quant.x_int4_codes__mutmut_35": "the nibbles stay float32 (exact integers "
     "0..15) instead of int32: every caller packs them into uint8 with the same values",
+    "llmctl.model.quant.x_int4_codes__mutmut_26": "with zero points the lower clamp never "
+    "binds: round(g/s) >= round(min/s) = -z for every g of the group (round is odd-symmetric)",
+    "llmctl.model.quant.xǁInt8Embeddingǁforward__mutmut_2": "int8 rows times the scale promote "
+    "to the scale's dtype: the same values as casting the rows first (int8 is exact there)",
     # model/rwkv.py
     "llmctl.model.rwkv.x_wkv_chunked__mutmut_24": "the extra pass at off == L combines empty "
     "slices (a[:, :-L], a[:, L:]): it changes nothing",
