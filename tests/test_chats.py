@@ -344,3 +344,33 @@ def test_loading_never_crashes_and_rejects_are_writable(
         (json.dumps(bad.to_record(), ensure_ascii=False) + "\n").encode("utf-8")
     for ex in data.examples:
         assert ex.mask[1:].any() and len(ex.ids) <= 65
+
+
+SHARE = {"human": "user", "gpt": "assistant"}
+
+
+@pytest.mark.parametrize(
+    ("value", "roles", "want"),
+    [
+        ([{"role": "user", "content": "Hi"}], None, [{"role": "user", "content": "Hi"}]),
+        ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}], SHARE,
+         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]),
+        ("Hi", None, "m must be a list of messages"),
+        ([["user", "Hi"]], None, "m[0] is not an object"),
+        ([{"role": "bot", "content": "Hi"}], None,
+         "m[0].role must be one of system, user, assistant, not 'bot'"),
+        ([{"from": ["human"], "value": "Hi"}], SHARE,
+         "m[0].from must be one of human, gpt, not ['human']"),  # unhashable: no TypeError
+        ([{"role": "user", "content": 3}], None, "m[0].content must be a string"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], None,
+         "m[1]: a system message must come first"),
+    ],
+)  # fmt: skip
+def test_parse_messages_gives_the_messages_or_the_reason(
+    value: object, roles: dict[str, str] | None, want: object
+) -> None:
+    """One parser for chat data (finetune, lora) and preference data (align): the messages,
+    or a short reason naming the key and the index."""
+    from llmctl.data.chats import parse_messages
+
+    assert parse_messages(value, "m", roles) == want

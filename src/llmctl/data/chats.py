@@ -267,24 +267,45 @@ def shape_of(rec: Any) -> str | None:
     return None
 
 
+def parse_messages(
+    value: Any, key: str = "messages", roles: dict[str, str] | None = None
+) -> list[dict[str, str]] | str:
+    """`value` as {role, content} messages, or the reason it is not (a short phrase naming
+    `key` and the index). With `roles`, messages are ShareGPT's {from, value}, `roles` mapping
+    `from` to a role. A system message may only come first.
+    Example: parse_messages([{"role": "user", "content": "Hi"}]) -> [{...}]"""
+    if not isinstance(value, list):
+        return f"{key} must be a list of messages"
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            return f"{key}[{i}] is not an object"
+        if roles is not None:
+            sender, content = m.get("from"), m.get("value")
+            role = roles.get(sender) if isinstance(sender, str) else None
+            if role is None:
+                return f"{key}[{i}].from must be one of {', '.join(roles)}, not {sender!r}"
+        else:
+            role, content = m.get("role"), m.get("content")
+            if role not in ROLES:
+                return f"{key}[{i}].role must be one of {', '.join(ROLES)}, not {role!r}"
+        if not isinstance(content, str):
+            return f"{key}[{i}].content must be a string"
+        if role == "system" and i != 0:
+            return f"{key}[{i}]: a system message must come first"
+        out.append({"role": role, "content": content})
+    return out
+
+
 def to_messages(rec: dict[str, Any], shape: str) -> list[dict[str, str]] | str:
     """The conversation of a record of `shape`, or the reason it has none (a short phrase)."""
     if shape == "messages":
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
             return "messages must be a non-empty list"
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                return f"messages[{i}] is not an object"
-            role, content = m.get("role"), m.get("content")
-            if role not in ROLES:
-                return f"messages[{i}].role must be one of {', '.join(ROLES)}, not {role!r}"
-            if not isinstance(content, str):
-                return f"messages[{i}].content must be a string"
-            if role == "system" and i != 0:
-                return f"messages[{i}]: a system message must come first"
-            out.append({"role": role, "content": content})
+        out = parse_messages(msgs)
+        if isinstance(out, str):
+            return out
         if not any(m["role"] == "assistant" for m in out):
             return "no assistant message"
         return out

@@ -48,9 +48,9 @@ import numpy as np
 
 from llmctl.config import helpful
 from llmctl.data.chats import (
-    ROLES,
     encode_chat,
     iter_records,
+    parse_messages,
     resolve_chat_files,
     special_strings,
     truncate,
@@ -130,37 +130,13 @@ Messages = list[dict[str, str]]
 Parsed = tuple[Messages, str, str | None, bool | None]  # prompt, answer, other answer, label
 
 
-def _messages(value: Any, key: str, roles: dict[str, str] | None = None) -> Messages | str:
-    """A message list (role/content, or ShareGPT from/value with `roles`), or why not."""
-    if not isinstance(value, list):
-        return f"{key} must be a list of messages"
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            return f"{key}[{i}] is not an object"
-        if roles is not None:
-            role, content = roles.get(m.get("from")), m.get("value")  # type: ignore[arg-type]
-            if role is None:
-                return f"{key}[{i}].from must be one of {', '.join(roles)}, not {m.get('from')!r}"
-        else:
-            role, content = m.get("role"), m.get("content")
-            if role not in ROLES:
-                return f"{key}[{i}].role must be one of {', '.join(ROLES)}, not {role!r}"
-        if not isinstance(content, str):
-            return f"{key}[{i}] content must be a string"
-        if role == "system" and i != 0:
-            return f"{key}[{i}]: a system message must come first"
-        out.append({"role": role, "content": content})
-    return out
-
-
 def _answer(value: Any, key: str, roles: dict[str, str] | None = None) -> str:
     """An answer: a string, one assistant message, or a list of one. Raises ValueError."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
         value = [value]
-    msgs = _messages(value, key, roles)
+    msgs = parse_messages(value, key, roles)
     if isinstance(msgs, str):
         raise ValueError(msgs)
     if len(msgs) != 1 or msgs[0]["role"] != "assistant":
@@ -198,7 +174,7 @@ def parse(rec: dict[str, Any], shape: str) -> Parsed:
         if not isinstance(label, bool):
             raise ValueError("label must be true or false")
         if "messages" in rec:
-            msgs = _messages(rec["messages"], "messages")
+            msgs = parse_messages(rec["messages"], "messages")
             if isinstance(msgs, str):
                 raise ValueError(msgs)
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
@@ -206,7 +182,7 @@ def parse(rec: dict[str, Any], shape: str) -> Parsed:
             return msgs[:-1], msgs[-1]["content"], None, label
         return _prompt(rec["prompt"]), _answer(rec["completion"], "completion"), None, label
     if shape == "sharegpt":
-        msgs = _messages(rec["conversations"], "conversations", SHAREGPT_ROLES)
+        msgs = parse_messages(rec["conversations"], "conversations", SHAREGPT_ROLES)
         if isinstance(msgs, str):
             raise ValueError(msgs)
         return (msgs, _answer(rec["chosen"], "chosen", SHAREGPT_ROLES),
@@ -217,7 +193,7 @@ def parse(rec: dict[str, Any], shape: str) -> Parsed:
     chosen, rejected = rec["chosen"], rec["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
         return (*split_hh(chosen, rejected), None)
-    c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    c, r = parse_messages(chosen, "chosen"), parse_messages(rejected, "rejected")
     if isinstance(c, str) or isinstance(r, str):
         raise ValueError(c if isinstance(c, str) else r)  # type: ignore[arg-type]
     n = 0
@@ -232,7 +208,7 @@ def parse(rec: dict[str, Any], shape: str) -> Parsed:
 def _prompt(value: Any) -> Messages:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    msgs = _messages(value, "prompt")
+    msgs = parse_messages(value, "prompt")
     if isinstance(msgs, str):
         raise ValueError(msgs)
     return msgs
