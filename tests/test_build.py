@@ -128,6 +128,8 @@ def test_the_tiny_chain_builds_every_stage(build: Path, monkeypatch: pytest.Monk
     assert q8["val_bits_per_byte"] == arts["eval-q-int8"].stats["bits_per_byte"]
     # pretrain, finetune, lora, distill, qat, and the four align runs
     assert len(figures["training"]) == 9
+    qat = next(t for t in figures["training"] if t["path"].endswith("q-qat"))
+    assert qat["steps"] == 20 and qat["final_train_loss"] == qat["train"][-1][1]
     assert {p["path"].split("/")[-1] for p in figures["preference"]} == {
         "dpo",
         "rm",

@@ -152,6 +152,7 @@ def _training(nodes: list[Node]) -> list[dict[str, Any]]:
         val = [(r["step"], r["val_loss"]) for r in rows if _num(r.get("val_loss")) is not None
                and _num(r.get("step")) is not None]  # fmt: skip
         s = n.manifest.stats if n.manifest else {}
+        s = {**s, **s.get("qat", {})}  # quantize --method qat keeps its training figures there
         out.append({"path": n.path, "command": n.command, "train": train, "val": val,
                     "final_train_loss": s.get("train_loss"), "final_val_loss": s.get("val_loss"),
                     "steps": s.get("steps"), "tokens_per_s": s.get("tokens_per_s")})  # fmt: skip
