@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmctl.commands.quantize import QuantizeConfig, decode_speed, evaluate, read_ids
+from llmctl.commands.quantize import QuantizeConfig
 from llmctl.commands.quantize import run as quantize_run
+from llmctl.data.heldout import token_ids
 from llmctl.model import quant as Q
 from llmctl.model.gpt import GPT, preset
 from llmctl.runtime import set_quiet
+from llmctl.scoring import decode_speed, loss_and_bits_per_byte
 
 METHODS: dict[str, dict[str, Any]] = {
     "int8": {"method": "int8"},
@@ -90,11 +92,11 @@ def float_finetune_then_ptq(
     for p in model.parameters():
         p.requires_grad_(False)
     tok = load_tokenizer(ckpt)
-    ids, _ = read_ids(tokens, ckpt, tok, cfg, "val", eval_tokens)
+    ids, _ = token_ids([tokens], ckpt, tok, cfg, "val", eval_tokens)
     special = np.array(sorted(load_specials(ckpt).all), dtype=np.int64)
-    ft = evaluate(model, ids, tok, seq, special)
+    ft = loss_and_bits_per_byte(model, ids, tok, seq, special)
     Q.quantize(model, Q.QuantSpec("int4"))
-    after = evaluate(model, ids, tok, seq, special)
+    after = loss_and_bits_per_byte(model, ids, tok, seq, special)
     return {"method": "float fine-tune + PTQ int4", "after": after, "float_ft": ft}
 
 

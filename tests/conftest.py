@@ -55,3 +55,25 @@ def short_chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         torch.set_num_threads(n)
     return {name: d / name for name in ("raw.jsonl", "clean", "dedup", "tokens", "model", "q8",
                                         "ev", "s")}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny causal LM built by the CLI: tiny shakespeare tokenized (vocab 512), then the
+    `tiny` preset pretrained 20 steps. The starting policy of the online-RL and RLAIF tests."""
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    data = Path(__file__).parent / "data" / "tinyshakespeare" / "input.txt"
+    root = tmp_path_factory.mktemp("tiny_lm")
+    tokens, model = root / "tokens", root / "model"
+    runner = CliRunner()
+    res = runner.invoke(app, ["tokenize", str(data), "--out", str(tokens), "--vocab-size", "512",
+                              "--val-fraction", "0.1", "-q"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["pretrain", str(tokens), "--out", str(model), "--preset", "tiny",
+                              "--steps", "20", "--set", "warmup=2", "--batch-size", "4",
+                              "--seq-len", "32", "--device", "cpu", "-q"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return model

@@ -10,7 +10,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmctl.cli import app
 from llmctl.data.prompts import prompt_of
 from llmctl.errors import UsageError
 from llmctl.train.rewards import DistinctReward, LengthReward
@@ -38,17 +37,8 @@ def test_settings_need_two_answers() -> None:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("rlaif")
-    tokens, model = root / "tokens", root / "model"
-    res = runner.invoke(app, ["tokenize", str(DATA), "--out", str(tokens), "--vocab-size", "512",
-                              "--val-fraction", "0.1", "-q"])  # fmt: skip
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["pretrain", str(tokens), "--out", str(model), "--preset", "tiny",
-                              "--steps", "20", "--set", "warmup=2", "--batch-size", "4",
-                              "--seq-len", "32", "--device", "cpu", "-q"])  # fmt: skip
-    assert res.exit_code == 0, res.output
-    return model
+def base(tiny_lm: Path) -> Path:
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -401,9 +401,15 @@ def _run_responses(
                     on_answer=lambda: bar.advance(1),
                 )  # fmt: skip
             else:
-                got, stats_answers = _teacher_checkpoint_answers(
-                    Path(teacher), prompts, cfg, cache, world.device, lambda n: bar.advance(n)
-                )
+                from llmctl.train.rollout import checkpoint_answers
+
+                t_model = _load(Path(teacher), world.device, _teacher_dtype(cfg, world.device))
+                seed = cfg.gen.seed if cfg.gen.seed is not None else cfg.seed
+                got, stats_answers = checkpoint_answers(
+                    t_model, Path(teacher), prompts, dataclasses.replace(cfg.gen, seed=seed),
+                    cache, chat=cfg.chat, batch_size=cfg.gen_batch,
+                    advance=lambda n: bar.advance(n),
+                )  # fmt: skip
     ok = [a for a in got if a.error is None]
     if not ok:
         raise UsageError(f"--teacher {teacher}: no prompt got an answer "
@@ -492,60 +498,6 @@ def _run_responses(
 def _answer_keys(api: Any) -> dict[str, Any]:
     """The API settings that decide the answers (not how patiently they are asked for)."""
     return {k: getattr(api, k) for k in ("model", "max_tokens", "temperature", "system")}
-
-
-def _teacher_checkpoint_answers(
-    teacher: Path, prompts: list[Any], cfg: DistillConfig, cache: Any, device: torch.device,
-    advance: Any,
-) -> tuple[list[Any], Any]:  # fmt: skip
-    """The teacher checkpoint's answers (`rollout.complete`, fitted to its context)."""
-    from llmctl.data.answers import model_answers
-    from llmctl.model.sample import Stops
-    from llmctl.tokenizer import (
-        chat_template_of,
-        decode,
-        encode,
-        encode_prompt,
-        load_specials,
-        load_tokenizer,
-        render_chat,
-    )
-    from llmctl.train.rollout import complete
-
-    t_model = _load(teacher, device, _teacher_dtype(cfg, device))
-    tok = load_tokenizer(teacher)
-    specials = load_specials(teacher)
-    template = chat_template_of(teacher)
-    chat = cfg.chat
-
-    def encode_one(p: Any) -> list[int]:
-        if isinstance(p, list) or chat:
-            msgs = p if isinstance(p, list) else [{"role": "user", "content": p}]
-            return encode(tok, render_chat(msgs, add_generation_prompt=True, template=template))
-        return encode_prompt(tok, p)
-
-    seed = cfg.gen.seed if cfg.gen.seed is not None else cfg.seed
-    params = dataclasses.replace(cfg.gen, seed=seed)
-    stop_ids = frozenset(cfg.gen.stop_token_ids) | (
-        frozenset({specials.end_of_turn}) if chat or any(isinstance(p, list) for p in prompts)
-        else frozenset()
-    )  # fmt: skip
-    stops = Stops(params.max_new_tokens, eos_ids=frozenset({specials.eos}), stop_ids=stop_ids,
-                  strings=tuple(params.stop), decode=lambda ids: decode(tok, ids))  # fmt: skip
-    capped = [0]
-
-    def generate(ids: list[list[int]], first: int) -> list[str]:
-        done, rs = complete(t_model, ids, params, stops=stops, pad_id=specials.pad_or_eos,
-                            first_index=first)  # fmt: skip
-        capped[0] += rs.capped + rs.truncated_prompts
-        return [c[0].text for c in done]
-
-    got, stats = model_answers(prompts, encode_one, generate, cache, batch_size=cfg.gen_batch,
-                               on_answer=advance)  # fmt: skip
-    if capped[0]:
-        warn(f"{capped[0]:,} prompt(s) were cut or had their new tokens capped by the teacher's "
-             "context")  # fmt: skip
-    return got, stats
 
 
 def _summary(out: Path, s: dict[str, Any]) -> None:

@@ -24,17 +24,18 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from llmctl.artifacts import building, is_artifact, open_artifact
+from llmctl.artifacts import building, open_artifact
 from llmctl.config import helpful, to_dict
-from llmctl.data.docs import BadRecord, ReadOptions, iter_docs
+from llmctl.data.docs import ReadOptions
+from llmctl.data.heldout import token_ids
 from llmctl.errors import UsageError
-from llmctl.runtime import human_bytes, progress, summary, warn
+from llmctl.runtime import human_bytes, summary
+from llmctl.scoring import score, text_bytes
 
 
 @dataclass(frozen=True)
@@ -48,92 +49,6 @@ class EvalConfig(ReadOptions):
     dtype: Literal["auto", "float32", "bfloat16"] = helpful(
         "auto", "auto: bf16 autocast on CUDA, fp32 on CPU"
     )
-
-
-@torch.no_grad()
-def score(
-    model: torch.nn.Module,
-    ids: np.ndarray,
-    special: np.ndarray,
-    seq_len: int,
-    batch_size: int,
-    precision: str = "auto",
-) -> tuple[float, int, float, int]:
-    """(nats, tokens, nats of non-special targets, non-special targets) of next-token
-    prediction over `ids`, in windows of seq_len + 1 tokens overlapping by one."""
-    from llmctl.train.loop import autocast
-
-    device = next(model.parameters()).device
-    starts = list(range(0, len(ids) - 1, seq_len))
-    nats = torch.zeros(2, dtype=torch.float64, device=device)
-    counts = [0, 0]
-    with progress("eval", total=len(starts), unit="it") as bar:
-        for i in range(0, len(starts), batch_size):
-            group = starts[i : i + batch_size]
-            # the last window may be shorter: score it on its own
-            for rows in _same_length(ids, group, seq_len):
-                x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
-                with autocast(device, precision):
-                    logits = model(x[:, :-1])
-                nll = F.cross_entropy(
-                    logits.float().transpose(1, 2), x[:, 1:], reduction="none"
-                ).double()
-                text = torch.from_numpy(~np.isin(np.stack(rows)[:, 1:], special)).to(device)
-                nats[0] += nll.sum()
-                nats[1] += (nll * text).sum()
-                counts[0] += nll.numel()
-                counts[1] += int(text.sum())
-            bar.advance(len(group))
-    total, text_nats = nats.tolist()
-    return total, counts[0], text_nats, counts[1]
-
-
-def _same_length(ids: np.ndarray, starts: list[int], seq_len: int) -> list[list[np.ndarray]]:
-    rows = [ids[s : s + seq_len + 1] for s in starts]
-    full = [r for r in rows if len(r) == seq_len + 1]
-    return [g for g in (full, [r for r in rows if len(r) != seq_len + 1]) if g]
-
-
-def text_bytes(tok: Any, ids: np.ndarray, special: np.ndarray) -> int:
-    """UTF-8 bytes that the non-special tokens of `ids` decode to (decoded between specials,
-    so multi-byte characters split across tokens count once)."""
-    cuts = np.flatnonzero(np.isin(ids, special))
-    pieces = [p for p in np.split(ids, cuts) if len(p)]
-    pieces = [p[1:] if np.isin(p[0], special) else p for p in pieces]
-    texts = tok.decode_batch([p.tolist() for p in pieces if len(p)])
-    return sum(len(t.encode("utf-8")) for t in texts)
-
-
-def _token_stream(
-    data: list[Path], checkpoint: Path, tok: Any, eos_id: int, cfg: EvalConfig
-) -> tuple:
-    """(ids, description) of what DATA names; documents are each followed by `eos_id`."""
-    from llmctl.data.tokens import check_ids, read_header, read_shard, split_shards
-    from llmctl.tokenizer import encode
-
-    one = data[0] if len(data) == 1 and is_artifact(data[0]) else None
-    if one is not None and open_artifact(one, ("tokens", "docs"), verify=False).kind == "tokens":
-        m = open_artifact(one, "tokens")
-        ours = open_artifact(checkpoint, "checkpoint", verify=False).files["tokenizer.json"]
-        if m.files["tokenizer.json"]["sha256"] != ours["sha256"]:
-            raise UsageError(f"{data[0]}: made with a different tokenizer than {checkpoint}")
-        parts = []
-        for p in split_shards(m.path, "val"):
-            parts.append(np.asarray(read_shard(p)))
-            check_ids(p, parts[-1], read_header(p).vocab_size)
-        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        return ids.astype(np.int64), f"{data[0]} (val split)"
-    docs, bad = [], 0
-    for doc in iter_docs(data, cfg):
-        if isinstance(doc, BadRecord):
-            if cfg.strict:
-                raise UsageError(f"{doc.where}: {doc.reason}")
-            bad += 1
-            continue
-        docs.extend([*encode(tok, doc.text), eos_id])
-    if bad:
-        warn(f"skipped {bad:,} malformed record(s)")
-    return np.array(docs, dtype=np.int64), ", ".join(map(str, data))
 
 
 def run(
@@ -166,7 +81,7 @@ def run(
     seq_len = cfg.seq_len or model.config.max_seq_len
     if not 1 <= seq_len <= model.config.max_seq_len or cfg.batch_size < 1:
         raise UsageError(f"config key 'seq_len': must be in 1..{model.config.max_seq_len}")
-    ids, source = _token_stream(data, checkpoint, tok, specials.eos, cfg)
+    ids, source = token_ids(data, checkpoint, tok, cfg)
     if cfg.max_tokens:
         ids = ids[: cfg.max_tokens]
     if len(ids) < 2:

@@ -22,9 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,11 +29,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from llmctl.artifacts import building, is_artifact, open_artifact
+from llmctl.artifacts import building, open_artifact
 from llmctl.config import helpful, to_dict
 from llmctl.data.docs import ReadOptions
+from llmctl.data.heldout import is_tokens, lineage_tokens, split_ids, token_ids, windows
 from llmctl.errors import UsageError
 from llmctl.runtime import human_bytes, info, summary, warn
+from llmctl.scoring import decode_speed, loss_and_bits_per_byte
 from llmctl.train.settings import COSMETIC, TrainSettings
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -93,117 +92,15 @@ def spec_of(cfg: QuantizeConfig) -> Any:
     return QuantSpec(cfg.method, cfg.group_size, cfg.zero_point, cfg.quantize_embeddings, cfg.bits)
 
 
-# ---------------------------------------------------------------------------- data
-
-
-def _tokens_ids(tokens: Path, checkpoint: Path, split: str, limit: int) -> np.ndarray:
-    from llmctl.data.tokens import check_ids, read_header, read_shard, split_shards
-
-    m = open_artifact(tokens, "tokens")
-    ours = open_artifact(checkpoint, "checkpoint", verify=False).files["tokenizer.json"]
-    if m.files["tokenizer.json"]["sha256"] != ours["sha256"]:
-        raise UsageError(f"{tokens}: made with a different tokenizer than {checkpoint}")
-    parts, n = [], 0
-    for p in split_shards(m.path, split):
-        parts.append(np.asarray(read_shard(p)))
-        check_ids(p, parts[-1], read_header(p).vocab_size)  # an id past the vocab fails here
-        n += len(parts[-1])
-        if limit and n >= limit:
-            break
-    ids = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
-    return ids[:limit] if limit else ids
-
-
-def read_ids(
-    data: Path, checkpoint: Path, tok: Any, cfg: QuantizeConfig, split: str, limit: int
-) -> tuple[np.ndarray, str]:
-    """(token ids, description) of DATA: a tokens artifact's `split`, or documents encoded
-    with the checkpoint's tokenizer (each followed by <|eos|>)."""
-    from llmctl.data.docs import BadRecord, iter_docs
-    from llmctl.tokenizer import encode, load_specials
-
-    if not data.exists():
-        raise UsageError(f"{data}: not found")
-    if is_artifact(data) and open_artifact(data, ("tokens", "docs"), verify=False).kind == "tokens":
-        return _tokens_ids(data, checkpoint, split, limit), f"{data} ({split} split)"
-    eos = load_specials(checkpoint).eos
-    ids: list[int] = []
-    bad = 0
-    for doc in iter_docs([data], cfg):
-        if isinstance(doc, BadRecord):
-            if cfg.strict:
-                raise UsageError(f"{doc.where}: {doc.reason}")
-            bad += 1
-            continue
-        ids.extend([*encode(tok, doc.text), eos])
-        if limit and len(ids) >= limit:
-            break
-    if bad:
-        warn(f"{data}: skipped {bad:,} malformed record(s)")
-    arr = np.array(ids, dtype=np.int64)
-    return (arr[:limit] if limit else arr), str(data)
-
-
-def lineage_tokens(checkpoint: Path, depth: int = 8) -> Path | None:
-    """The tokens artifact a checkpoint was trained on: its manifest's `tokens` input, or
-    that of the checkpoint it was made from (finetune, quantize, ...), if still on disk."""
-    path: Path | None = checkpoint
-    for _ in range(depth):
-        if path is None or not is_artifact(path):
-            return None
-        inputs = open_artifact(path, ("checkpoint", "tokens"), verify=False).data.get("inputs", {})
-        tokens = inputs.get("tokens", {})
-        if tokens.get("kind") == "tokens" and is_artifact(Path(tokens["path"])):
-            return Path(tokens["path"])
-        parent = inputs.get("checkpoint", {})
-        path = Path(parent["path"]) if parent.get("kind") == "checkpoint" else None
-    return None
-
-
-def windows(ids: np.ndarray, seq_len: int, batch_size: int) -> list[torch.Tensor]:
-    """Non-overlapping [≤batch_size, seq_len] windows of `ids` (the tail dropped)."""
-    n = len(ids) // seq_len
-    rows = torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len))
-    return [rows[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
 # ---------------------------------------------------------------------------- measures
 
 
-def evaluate(
-    model: Any, ids: np.ndarray, tok: Any, seq_len: int, special: np.ndarray
-) -> dict[str, float | None]:
-    """Loss (nats/token) and bits per byte of `model` on `ids`, as `llmctl eval` scores them
-    (`special`: the special token ids, left out of bits per byte)."""
-    from llmctl.commands.eval import score, text_bytes
-
-    nats, n, text_nats, _ = score(model, ids, special, seq_len, 8, "float32")
-    n_bytes = text_bytes(tok, ids[1:], special)
-    return {
-        "val_loss": nats / n,
-        "bits_per_byte": text_nats / math.log(2) / n_bytes if n_bytes else None,
-    }
-
-
-@torch.no_grad()
-def decode_speed(model: Any, n_tokens: int, dtype: torch.dtype | None) -> float:
-    """Greedy batch-1 decoding tokens/s on the CPU with a KV cache (a copy of `model` is cast
-    to `dtype`, as `generate` does). One warm-up pass first (kernel packing, allocator)."""
-    m = copy.deepcopy(model).cpu()
-    if dtype is not None:
-        m.to(dtype)
-    m.use_decode_layout(1)
-    length = min(n_tokens + 1, m.config.max_seq_len)
-    best = 0.0
-    for timed in (False, True):
-        cache = m.make_cache(1, length)
-        x = torch.zeros(1, 1, dtype=torch.long)
-        t0 = time.perf_counter()
-        for _ in range(length):
-            x = m(x, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
-        if timed:
-            best = length / (time.perf_counter() - t0)
-    return best
+def _read_ids(
+    data: Path, checkpoint: Path, tok: Any, cfg: QuantizeConfig, split: str, limit: int
+) -> tuple[np.ndarray, str]:
+    if not data.exists():
+        raise UsageError(f"{data}: not found")
+    return token_ids([data], checkpoint, tok, cfg, split, limit)
 
 
 def measure(
@@ -219,7 +116,7 @@ def measure(
     data) and batch-1 decode tokens/s."""
     out: dict[str, Any] = {"val_loss": None, "bits_per_byte": None}
     if ids is not None:
-        out.update(evaluate(model, ids, tok, seq_len, special))
+        out.update(loss_and_bits_per_byte(model, ids, tok, seq_len, special))
     speed = decode_speed(model, cfg.decode_tokens, dtype) if cfg.decode_tokens else None
     out["decode_tokens_per_s"] = speed
     return out
@@ -245,12 +142,9 @@ def train_qat(
     from llmctl.train.loop import Writer, train
     from llmctl.train.objectives import NextToken
 
-    if not (
-        is_artifact(calib)
-        and open_artifact(calib, ("tokens", "docs"), verify=False).kind == "tokens"
-    ):
+    if not is_tokens(calib):
         raise UsageError(f"--calib {calib}: qat trains on a tokens artifact (from llmctl tokenize)")
-    _tokens_ids(calib, checkpoint.path, "train", 1)  # same tokenizer as the checkpoint
+    split_ids(calib, checkpoint.path, "train", 1)  # same tokenizer as the checkpoint
     world = distributed.init(cfg.device)
     n = apply_qat(model, spec)
     model.to(world.device)
@@ -313,7 +207,7 @@ def run(
     eval_path = eval_data or lineage_tokens(checkpoint)
     ids, eval_source = None, "no eval data"
     if eval_path is not None:
-        ids, eval_source = read_ids(eval_path, checkpoint, tok, cfg, "val", cfg.eval_tokens)
+        ids, eval_source = _read_ids(eval_path, checkpoint, tok, cfg, "val", cfg.eval_tokens)
         if len(ids) < 2:
             if eval_data is not None:
                 raise UsageError(f"{eval_data}: fewer than 2 tokens to score")
@@ -343,7 +237,7 @@ def run(
         scales = None
         if cfg.method == "static":
             assert calib is not None
-            cids, csource = read_ids(calib, checkpoint, tok, cfg, "train", cfg.calib_tokens)
+            cids, csource = _read_ids(calib, checkpoint, tok, cfg, "train", cfg.calib_tokens)
             if len(cids) < seq_len:
                 seq = max(len(cids), 2)
                 warn(f"{csource}: only {len(cids):,} calibration tokens; windows of {seq}")

@@ -1,4 +1,5 @@
-"""Generation inside training (GRPO rollouts, sequence distillation, RLAIF candidates).
+"""Generation inside training (GRPO rollouts, sequence distillation, RLAIF candidates), and a
+checkpoint's answers to prompts for sequence distillation (`checkpoint_answers`).
 
 `complete` runs `model/sample.py`'s decoding on the model being trained without disturbing the
 training: it unwraps DDP/compile wrappers, switches to eval mode (no dropout) and back, leaves
@@ -17,13 +18,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from llmctl.model.sample import Completion, GenerationParams, Stops, generate
+from llmctl.runtime import warn
 from llmctl.train.loop import unwrap
 
 
@@ -87,3 +91,61 @@ def complete(
     finally:
         inner.train(was_training)
     return results, stats
+
+
+def checkpoint_answers(
+    model: nn.Module,
+    checkpoint: Path,
+    prompts: Sequence[Any],
+    params: GenerationParams,
+    cache: Any,
+    *,
+    chat: bool,
+    batch_size: int,
+    advance: Callable[[int], None] | None = None,
+) -> tuple[list[Any], Any]:
+    """A checkpoint's answers to `prompts` (strings, or message lists rendered with its chat
+    template), through `complete` and `data/answers.model_answers` (cached in `cache`,
+    `batch_size` prompts a call): the teacher of sequence distillation. With `chat`, plain
+    prompts are rendered as one user turn too, and the end-of-turn token stops each answer."""
+    from llmctl.data.answers import model_answers
+    from llmctl.tokenizer import (
+        chat_template_of,
+        decode,
+        encode,
+        encode_prompt,
+        load_specials,
+        load_tokenizer,
+        render_chat,
+    )
+
+    tok = load_tokenizer(checkpoint)
+    specials = load_specials(checkpoint)
+    template = chat_template_of(checkpoint)
+
+    def encode_one(p: Any) -> list[int]:
+        if isinstance(p, list) or chat:
+            msgs = p if isinstance(p, list) else [{"role": "user", "content": p}]
+            return encode(tok, render_chat(msgs, add_generation_prompt=True, template=template))
+        return encode_prompt(tok, p)
+
+    stop_ids = frozenset(params.stop_token_ids) | (
+        frozenset({specials.end_of_turn}) if chat or any(isinstance(p, list) for p in prompts)
+        else frozenset()
+    )  # fmt: skip
+    stops = Stops(params.max_new_tokens, eos_ids=frozenset({specials.eos}), stop_ids=stop_ids,
+                  strings=tuple(params.stop), decode=lambda ids: decode(tok, ids))  # fmt: skip
+    capped = [0]
+
+    def answer_batch(ids: list[list[int]], first: int) -> list[str]:
+        done, rs = complete(model, ids, params, stops=stops, pad_id=specials.pad_or_eos,
+                            first_index=first)  # fmt: skip
+        capped[0] += rs.capped + rs.truncated_prompts
+        return [c[0].text for c in done]
+
+    got, stats = model_answers(prompts, encode_one, answer_batch, cache, batch_size=batch_size,
+                               on_answer=advance)  # fmt: skip
+    if capped[0]:
+        warn(f"{capped[0]:,} prompt(s) were cut or had their new tokens capped by the teacher's "
+             "context")  # fmt: skip
+    return got, stats
