@@ -309,14 +309,14 @@ def _inputs(data: list[Path], teacher: Path | str, stud: Student) -> dict[str, P
 
 def _read_all_prompts(data: list[Path]) -> tuple[list[Any], list[str]]:
     """(prompts, `file:line` of each) from the DATA JSONL files."""
-    from llmctl.commands.generate import read_prompts
+    from llmctl.data.prompts import read_prompt_file
 
     prompts, where = [], []
     for path in data:
         if is_artifact(path):
             raise UsageError(f'{path}: an artifact; sequence and api read prompts JSONL files '
                              '({"prompt": ...} or {"messages": [...]} a line)')  # fmt: skip
-        for w, p in read_prompts(path):
+        for w, p in read_prompt_file(path):
             prompts.append(p)
             where.append(w)
     return prompts, where

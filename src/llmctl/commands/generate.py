@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import secrets
 import sys
@@ -34,8 +33,8 @@ import torch
 
 from llmctl.artifacts import building, is_artifact, open_artifact
 from llmctl.config import helpful, to_dict
+from llmctl.data.prompts import read_prompt_file
 from llmctl.errors import UsageError
-from llmctl.files import display
 from llmctl.model.sample import GenerationParams, Stops
 from llmctl.runtime import info, summary, warn
 
@@ -75,40 +74,6 @@ class GenerateConfig(GenerationParams):
         """The decoding settings alone, with the seed actually used."""
         names = [f.name for f in dataclasses.fields(GenerationParams)]
         return GenerationParams(**{**{n: getattr(self, n) for n in names}, "seed": seed})
-
-
-def read_prompts(path: Path) -> list[tuple[str, str | list[dict[str, str]]]]:
-    """(`file:line`, prompt text or chat messages) per non-blank line of a JSONL file."""
-    from llmctl.data.docs import open_input
-
-    if not path.exists():
-        raise UsageError(f"{display(path)}: prompts file not found")
-    out: list[tuple[str, Any]] = []
-    with io.TextIOWrapper(open_input(path), encoding="utf-8", errors="strict") as f:
-        try:
-            for n, line in enumerate(f, start=1):
-                where = f"{display(path)}:{n}"
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
-                except (RecursionError, ValueError) as e:  # absurd nesting, 4300+ digit ints
-                    raise UsageError(f"{where}: not usable JSON ({type(e).__name__})") from None
-                if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
-                    out.append((where, rec["prompt"]))
-                elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-                    out.append((where, rec["messages"]))
-                else:
-                    raise UsageError(
-                        f'{where}: expected {{"prompt": str}} or {{"messages": [...]}}'
-                    )
-        except UnicodeDecodeError:
-            raise UsageError(f"{display(path)}: not valid UTF-8") from None
-    if not out:
-        raise UsageError(f"{display(path)}: no prompts (the file is empty)")
-    return out
 
 
 def _load(cfg: GenerateConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any]:
@@ -217,7 +182,7 @@ def run(checkpoint: Path, cfg: GenerateConfig, out: Path | None = None, force: b
     repl = not given and cfg.chat and interactive
     if not given and not repl:
         raise UsageError("give --prompt TEXT or --prompts FILE.jsonl (or --chat on a terminal)")
-    items = read_prompts(Path(cfg.prompts)) if cfg.prompts else [("--prompt", cfg.prompt)]
+    items = read_prompt_file(Path(cfg.prompts)) if cfg.prompts else [("--prompt", cfg.prompt)]
     started = time.time()  # the samples manifest's duration_s: loading included
     model, tok, ckpt, draft = _load(cfg, checkpoint)
     specials = load_specials(checkpoint)

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 from llmctl.data.chats import iter_records
 from llmctl.data.docs import EXCERPT_CHARS, BadRecord
 from llmctl.errors import UsageError
+from llmctl.files import display
 
 Prompt = str | list[dict[str, str]]
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -177,3 +179,39 @@ def load_prompts(
         why = f" ({got.stats['rejected']})" if got.rejected else ""
         raise UsageError(f"{', '.join(map(str, files))}: no usable prompt{why}")
     return got
+
+
+def read_prompt_file(path: Path) -> list[tuple[str, str | list[dict[str, str]]]]:
+    """(`file:line`, prompt text or chat messages) per non-blank line of a JSONL file of
+    `{"prompt": str}` or `{"messages": [...]}` records (generate --prompts, distill's
+    prompts); any other line is a one-line error naming it."""
+    from llmctl.data.docs import open_input
+
+    if not path.exists():
+        raise UsageError(f"{display(path)}: prompts file not found")
+    out: list[tuple[str, Any]] = []
+    with io.TextIOWrapper(open_input(path), encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, start=1):
+                where = f"{display(path)}:{n}"
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+                except (RecursionError, ValueError) as e:  # absurd nesting, 4300+ digit ints
+                    raise UsageError(f"{where}: not usable JSON ({type(e).__name__})") from None
+                if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+                    out.append((where, rec["prompt"]))
+                elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+                    out.append((where, rec["messages"]))
+                else:
+                    raise UsageError(
+                        f'{where}: expected {{"prompt": str}} or {{"messages": [...]}}'
+                    )
+        except UnicodeDecodeError:
+            raise UsageError(f"{display(path)}: not valid UTF-8") from None
+    if not out:
+        raise UsageError(f"{display(path)}: no prompts (the file is empty)")
+    return out
