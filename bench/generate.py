@@ -13,9 +13,9 @@ call, then the best of `--repeats` runs is kept. The tokens of both sides are co
 `--device cuda`: the GPT-2 124M shape in bf16, greedy, 256 new tokens after a 16-token
 prompt: llmctl (static KV cache replayed as CUDA graphs; and with `cuda_graphs` off) against
 transformers' `generate` with its default cache and with `cache_implementation="static"`, at
-batch 1, 32 and 128; and a 1.1B-parameter Llama shape (TinyLlama's: d 2048, 22 layers, GQA 32/4)
-at batch 1 with the fraction of HBM bandwidth it reaches (weight and KV bytes read per token ×
-tokens/s / 4.8 TB/s).
+batch 1, 32 and 128; and two Llama shapes of ≥ 1B parameters (TinyLlama's 1.1B: d 2048, 22
+layers, GQA 32/4; Llama-2-7B's: d 4096, 32 layers) at batch 1 with the fraction of the H200's
+4.8 TB/s they reach (bytes read per token × tokens/s; `bytes_per_token`).
 
     python3 bench/generate.py --device cuda [--markdown]
 """
@@ -86,6 +86,29 @@ def run(
         "ratio": t_hf / t_ours,
         "same tokens": a == b,
     }
+
+
+HBM_BYTES_PER_S = 4.8e12  # H200
+# ≥ 1B-parameter Llama shapes for the bandwidth rows: TinyLlama's and Llama-2-7B's
+BIG = {
+    "llama 1.1B": dict(n_layer=22, d_model=2048, n_head=32, n_kv_head=4, d_ff=5632,
+                       max_seq_len=2048),
+    "llama 7B": dict(n_layer=32, d_model=4096, n_head=32, n_kv_head=32, d_ff=11008,
+                     max_seq_len=4096),
+}  # fmt: skip
+
+
+def bytes_per_token(model: GPT, kv_len: float) -> float:
+    """HBM bytes one batch-1 decoding step must read: every weight but an untied input
+    embedding (one row of it is read), and the K and V of `kv_len` cached positions."""
+    weights = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if n != "tok_emb.weight" or model.config.tie_embeddings
+    )
+    cfg = model.config
+    kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * model.tok_emb.weight.element_size()
+    return weights + kv * kv_len
 
 
 def graph_step_seconds(model: GPT, prompt_len: int, new: int) -> float:
@@ -170,19 +193,21 @@ def cuda_rows(quick: bool) -> list[dict[str, object]]:
         rows.append({"model": "gpt2-124m bf16", **sides(model, hf, batch, hf_static=batch == 1)})
         print(rows[-1], flush=True)  # a long GPU run keeps what it measured so far
     del model, hf
-    torch.cuda.empty_cache()
-    big = GPT(preset("llama-style", n_layer=22, d_model=2048, n_head=32, n_kv_head=4,
-                     d_ff=5632, max_seq_len=2048)).to(torch.bfloat16).eval().cuda()  # fmt: skip
-    hfb = to_hf_llama(big)
-    row = sides(big, hfb, 1, hf_static=False)
-    weights = sum(p.numel() * p.element_size() for p in big.parameters())
-    kv = 2 * big.config.n_layer * big.config.n_kv_head * big.config.head_dim * 2  # per position
-    read = weights + kv * (prompt_len + new / 2)  # mean KV read per token
-    row["HBM fraction"] = row["llmctl tok/s"] * read / 4.8e12
-    step = graph_step_seconds(big, prompt_len, new)
-    row["graph step ms"] = step * 1e3
-    row["HBM fraction of the step"] = read / step / 4.8e12
-    rows.append({"model": f"llama 1.1B bf16 ({weights / 1e9:.2f} GB)", **row})
+    for name, shape in BIG.items():
+        torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        with torch.device("cuda"):  # initialized on the GPU: seconds, not minutes, for 7B
+            big = GPT(preset("llama-style", **shape)).to(torch.bfloat16).eval()
+            hfb = to_hf_llama(big)
+        row = sides(big, hfb, 1, hf_static=False)
+        read = bytes_per_token(big, prompt_len + new / 2)  # the mean KV length over the run
+        row["% of HBM"] = 100 * row["llmctl tok/s"] * read / HBM_BYTES_PER_S
+        step = graph_step_seconds(big, prompt_len, new)
+        row["graph step ms"] = step * 1e3
+        row["% of HBM, graph step"] = 100 * read / step / HBM_BYTES_PER_S
+        rows.append({"model": f"{name} bf16 ({read / 1e9:.2f} GB read per token)", **row})
+        print(rows[-1], flush=True)
+        del big, hfb
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name()}")  # fmt: skip
     return rows

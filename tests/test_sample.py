@@ -281,6 +281,54 @@ def test_stop_tokens_and_length_set_the_finish_reason() -> None:
     assert c.text == letters(c.tokens[:-1])  # the stop token is not part of the text
 
 
+def test_reading_tokens_back_late_changes_no_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA loop's read-back lag, forced on CPU: the host checks stops `lag` steps after
+    the device chose the tokens, yet every completion, finish reason and streamed text is
+    what reading each token at once gives, and at most `lag` steps run past the last stop."""
+    from llmctl.model import sample
+
+    model = tiny(5)
+    [[free]] = generate(model, [[1, 2]], GenerationParams(max_new_tokens=20))
+    eos = free.tokens[11]  # a token the rows below reach at different steps
+    cases = [
+        (GenerationParams(max_new_tokens=20), Stops(20, eos_ids=frozenset({eos}))),
+        (GenerationParams(max_new_tokens=20, do_sample=True, top_p=0.9, repetition_penalty=1.3,
+                          frequency_penalty=0.2, num_samples=2, seed=3),
+         Stops(20, eos_ids=frozenset({eos}))),
+        (GenerationParams(max_new_tokens=20),
+         Stops(20, strings=("dg", "q"), decode=letters)),
+        (GenerationParams(max_new_tokens=20, no_repeat_ngram_size=2),
+         Stops(20, eos_ids=frozenset({eos}))),
+    ]  # fmt: skip
+    fed: list[int] = []
+    feed = sample.Runner.feed
+
+    def counting(self: sample.Runner, tokens: torch.Tensor) -> torch.Tensor:
+        fed.append(1)
+        return feed(self, tokens)
+
+    monkeypatch.setattr(sample.Runner, "feed", counting)
+    for params, stops in cases:
+        now = generate(model, PROMPTS, params, stops=stops)
+        streamed = ["".join(d.text for d in stream(model, p, params, stops=stops, index=i))
+                    for i, p in enumerate(PROMPTS)]  # fmt: skip
+        fed.clear()
+        monkeypatch.setattr(sample, "READBACK_LAG", {"cpu": 3})
+        late = generate(model, PROMPTS, params, stops=stops)
+        feeds = len(fed)
+        assert [[(c.tokens, c.finish_reason, c.text) for c in r] for r in late] == [
+            [(c.tokens, c.finish_reason, c.text) for c in r] for r in now
+        ]
+        assert streamed == ["".join(d.text for d in stream(model, p, params, stops=stops, index=i))
+                            for i, p in enumerate(PROMPTS)]  # fmt: skip
+        longest = max(len(c.tokens) for r in now for c in r)
+        lag = 0 if params.no_repeat_ngram_size else 3  # the n-gram rule reads every token
+        assert longest - 1 <= feeds <= min(longest - 1 + lag, 19)
+        monkeypatch.setattr(sample, "READBACK_LAG", {})
+        # every case has rows that stop at different steps, so late reads really drop tokens
+        assert len({len(c.tokens) for r in now for c in r}) > 1, params
+
+
 def test_visible_text_holds_back_partial_stop_strings_and_characters() -> None:
     stops = Stops(10, strings=("END",), decode=lambda ids: "".join(map(chr, ids)))
     c = Completion(tokens=[ord(ch) for ch in "abcEN"])

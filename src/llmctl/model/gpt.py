@@ -230,7 +230,7 @@ class KVCache:
 
 class StaticKVCache(KVCache):
     """A KV cache whose shapes never change, so that a decoding step can be captured once as
-    a CUDA graph and replayed (`model/fast_decode.py`). A forward call names the slots it
+    a CUDA graph and replayed (`sample.Runner`). A forward call names the slots it
     writes with `cache_slots` (a device tensor [T]) instead of appending at a Python length;
     attention always reads all `max_len` slots, under `key_mask` [B, max_len] (True = a real,
     written token) and causality by slot. Beams and speculative rollback use `KVCache`.

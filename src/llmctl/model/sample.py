@@ -187,17 +187,22 @@ class History:
             table.setdefault(tuple(seq[i : i + n - 1]), set()).add(seq[i + n - 1])
         return table
 
-    def append(self, tokens: Sequence[int]) -> None:
-        """Add one token to every row."""
-        for seq, t in zip(self.seqs, tokens, strict=True):
-            seq.append(t)
+    def append(self, tokens: torch.Tensor | Sequence[int]) -> None:
+        """Add one token to every row. A device tensor [N] stays on the device (no host sync)
+        unless the n-gram rule needs the ids on the host."""
         if self.seen is not None or self.counts is not None:
             rows = torch.arange(len(tokens), device=self.device)
-            cols = torch.tensor(tokens, dtype=torch.long, device=self.device)
+            cols = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
             if self.seen is not None:
                 self.seen[rows, cols] = True
             if self.counts is not None:
                 self.counts[rows, cols] += 1
+        if isinstance(tokens, torch.Tensor):
+            if self.ngrams is None:
+                return  # `seqs` only feeds the n-gram tables: skip the host round trip
+            tokens = tokens.tolist()
+        for seq, t in zip(self.seqs, tokens, strict=True):
+            seq.append(t)
         if self.ngrams is not None:
             n = self.params.no_repeat_ngram_size
             for seq, table in zip(self.seqs, self.ngrams, strict=True):
@@ -464,14 +469,14 @@ def row_generator(seed: int, prompt_index: int, sample_index: int, device: torch
 
 
 def _choose(scores: torch.Tensor, params: GenerationParams, gens: Sequence[torch.Generator] | None,
-            rows: Sequence[int]) -> list[int]:  # fmt: skip
-    """The next token of each row: argmax, or one draw from softmax(scores) with its generator."""
-    if not params.do_sample:
-        return scores.argmax(dim=-1).tolist()
-    probs = scores.softmax(dim=-1)
-    out = scores.argmax(dim=-1).tolist()  # placeholder value for finished rows
-    for i in rows:
-        out[i] = int(torch.multinomial(probs[i], 1, generator=gens[i]))  # type: ignore[index]
+            rows: Sequence[int]) -> torch.Tensor:  # fmt: skip
+    """The next token of each row [N], on the device: argmax, or for each of `rows` one draw
+    from softmax(scores) with its generator (other rows keep the argmax as a placeholder)."""
+    out = scores.argmax(dim=-1)
+    if params.do_sample:
+        probs = scores.softmax(dim=-1)
+        for i in rows:
+            out[i] = torch.multinomial(probs[i], 1, generator=gens[i])[0]  # type: ignore[index]
     return out
 
 
@@ -480,31 +485,74 @@ def _choose(scores: torch.Tensor, params: GenerationParams, gens: Sequence[torch
 Step = list[tuple[int, list[int]]]  # (row, tokens added this step) for rows still running
 
 
+# How many steps the host may run ahead of the tokens it has read, per device type. On CUDA
+# the host queues step t + 1 (chosen on the device, fed straight back) before it reads step
+# t + 1 - lag's tokens for the stop checks, so the GPU never waits for Python between steps
+# (reading every token at once left an H200 idle ~0.5 ms per token at batch 1). The cost: up
+# to `lag` steps computed past the last stop, whose tokens are dropped.
+READBACK_LAG = {"cuda": 4}
+
+
+class _Readback:
+    """Chosen tokens [N] copied to the host without waiting, read back in order later."""
+
+    def __init__(self, n: int, steps: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(steps, n, dtype=torch.long, pin_memory=self.cuda)
+        self.events: list[Any] = []
+        self.read = 0
+
+    def push(self, tokens: torch.Tensor) -> None:
+        self.host[len(self.events)].copy_(tokens, non_blocking=self.cuda)
+        event = torch.cuda.Event() if self.cuda else None
+        if event is not None:
+            event.record()
+        self.events.append(event)
+
+    def pending(self) -> int:
+        return len(self.events) - self.read
+
+    def pop(self) -> list[int]:
+        event = self.events[self.read]
+        if event is not None:
+            event.synchronize()
+        self.read += 1
+        return self.host[self.read - 1].tolist()
+
+
 def _sample_steps(model: LanguageModel, prompts: Sequence[Sequence[int]], params: GenerationParams,
                   stops: Stops, comps: list[Completion], gens: list[torch.Generator] | None,
                   pad_id: int) -> Iterator[Step]:  # fmt: skip
     """Greedy or sampled decoding of all rows at once, one token per row per step (on CUDA
-    through a static cache replayed as a CUDA graph, unless `params.cuda_graphs` is off)."""
+    through a static cache replayed as a CUDA graph, unless `params.cuda_graphs` is off).
+    Tokens are chosen and fed back on the device; the host reads them `READBACK_LAG` steps
+    later for the stop checks (at once when the n-gram rule needs them on the host)."""
     device = model.tok_emb.weight.device
     static = params.cuda_graphs and device.type == "cuda"
     runner = Runner(model, prompts, params.max_new_tokens, pad_id=pad_id,
                     use_cache=params.use_cache, static=static)  # fmt: skip
     hist = History(prompts, params, model.config.vocab_size, runner.ids.device)
     plain = hist.seen is None and hist.counts is None and hist.ngrams is None and not params.warps
+    lag = READBACK_LAG.get(device.type, 0) if hist.ngrams is None else 0
+    readback = _Readback(len(prompts), params.max_new_tokens, device)
     logits = runner.prefill()
     active = list(range(len(prompts)))
-    while True:
+    for step in range(params.max_new_tokens):
         scores = logits if plain else process(logits, hist, params, warp=params.do_sample)
         nxt = _choose(scores, params, gens, active)
-        for i in active:
-            stops.add(comps[i], [nxt[i]])
-        yield [(i, [nxt[i]]) for i in active]
-        active = [i for i in active if comps[i].finish_reason is None]
-        if not active:
-            return
-        hist.append(nxt)
-        tokens = torch.tensor(nxt, dtype=torch.long, device=runner.ids.device)[:, None]
-        logits = runner.feed(tokens)[:, -1]
+        readback.push(nxt)
+        last = step + 1 == params.max_new_tokens
+        while readback.pending() > (0 if last else lag):
+            tokens = readback.pop()
+            for i in active:
+                stops.add(comps[i], [tokens[i]])
+            yield [(i, [tokens[i]]) for i in active]
+            active = [i for i in active if comps[i].finish_reason is None]
+            if not active:
+                return
+        if not last:
+            hist.append(nxt)
+            logits = runner.feed(nxt[:, None])[:, -1]
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int,
