@@ -260,7 +260,7 @@ def test_chat_repl_keeps_the_conversation_and_resets(ckpts: Ckpts) -> None:
 
 
 def test_decode_dtype_auto_is_bf16_only_where_the_cpu_runs_it_natively() -> None:
-    from llmctl.commands.generate import decode_dtype
+    from llmctl.model.sample import decode_dtype
 
     assert decode_dtype("float32", "cpu") is torch.float32
     assert decode_dtype("bfloat16", "cpu") is torch.bfloat16

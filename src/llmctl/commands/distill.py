@@ -155,16 +155,17 @@ def _build_student(
 ) -> Student:
     """The student on the CPU in fp32: a checkpoint, or a fresh preset model made right after
     seeding with `cfg.seed` (as `pretrain` makes it: the same initialization)."""
-    from llmctl.commands.pretrain import PretrainConfig, build_model_config
-    from llmctl.model.io import build_model
+    from llmctl.model.io import build_model, model_config
 
     if student is not None:
         if cfg.model:
             raise UsageError("config key 'model': overrides apply to --student-preset only")
         m = open_artifact(student, "checkpoint")
         return Student(_load(student).float().train(), m.digest, student, student)
-    pcfg = PretrainConfig(preset=cfg.student_preset, model=dict(cfg.model))
-    mcfg = build_model_config(pcfg, vocab_size)
+    try:
+        mcfg = model_config(cfg.student_preset, dict(cfg.model), vocab_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     seed_everything(cfg.seed)
     return Student(build_model(mcfg), f"preset:{cfg.student_preset}", None, tokenizer_dir)
 

@@ -35,7 +35,7 @@ from llmctl.artifacts import building, is_artifact, open_artifact
 from llmctl.config import helpful, to_dict
 from llmctl.data.prompts import read_prompt_file
 from llmctl.errors import UsageError
-from llmctl.model.sample import GenerationParams, Stops
+from llmctl.model.sample import GenerationParams, Stops, decode_dtype
 from llmctl.runtime import info, summary, warn
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -131,20 +131,6 @@ def _load(cfg: GenerateConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any]:
     tok = load_tokenizer(checkpoint)
     check_fits(tok, model.config.vocab_size, str(checkpoint))
     return model, tok, ckpt, draft
-
-
-def decode_dtype(name: str, device: str) -> torch.dtype | None:
-    """The dtype to decode in; None keeps the checkpoint's.
-
-    `auto` picks bfloat16 on CUDA and on CPUs whose matmuls run bf16 natively (AVX512-BF16,
-    AMX): batch-1 decoding streams every weight once per token, so half the bytes is close to
-    twice the speed (bench/generate.py). Elsewhere bf16 would be emulated and slower.
-    """
-    if name != "auto":
-        return getattr(torch, name)
-    if device.startswith("cuda"):
-        return torch.bfloat16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
 def _check_masked_lm(cfg: GenerateConfig) -> None:

@@ -50,43 +50,9 @@ class PretrainConfig(TrainSettings):
     )
 
 
-ARCHS = ("gpt", "rwkv")
-
-
-def build_model_config(cfg: PretrainConfig, vocab_size: int) -> Any:
-    """The model config (GPTConfig or RWKVConfig): preset < `model.*` overrides; vocab from the
-    tokenizer; mlm → bidirectional unless `model.causal` is given (and then the objective
-    refuses a causal model). The architecture is `model.arch`, else the preset's."""
-    from llmctl.model import gpt, rwkv
-
-    presets = {**{n: gpt for n in gpt.PRESETS}, **{n: rwkv for n in rwkv.PRESETS}}
-    overrides = dict(cfg.model)
-    arch = overrides.pop("arch", "rwkv" if cfg.preset in rwkv.PRESETS else "gpt")
-    if arch not in ARCHS:
-        raise UsageError(f"config key 'model.arch': {arch!r} is not one of {', '.join(ARCHS)}")
-    name = cfg.preset
-    if arch == "rwkv" and name in gpt.PRESETS and f"rwkv-{name}" in rwkv.PRESETS:
-        name = f"rwkv-{name}"  # --set model.arch=rwkv with the default preset
-    if name not in presets:
-        raise UsageError(f"config key 'preset': {cfg.preset!r} is not one of {', '.join(presets)}")
-    module = presets[name]
-    if (module is rwkv) != (arch == "rwkv"):
-        raise UsageError(f"config key 'model.arch': {arch!r} does not fit preset {name!r}")
-    if "vocab_size" in overrides:
-        raise UsageError("config key 'model.vocab_size': set by the tokenizer, not configurable")
-    if cfg.objective == "mlm":
-        if arch == "rwkv":
-            raise UsageError("config key 'objective': an RWKV model is causal; mlm needs a GPT")
-        overrides.setdefault("causal", False)
-    try:
-        return module.preset(name, **overrides, vocab_size=vocab_size)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"config key 'model': {e}") from e
-
-
 def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -> dict[str, Any]:
     """Train on `tokens_dir` and publish a checkpoint at `out`; returns the manifest stats."""
-    from llmctl.model.io import build_model, save_checkpoint
+    from llmctl.model.io import build_model, model_config, save_checkpoint
     from llmctl.tokenizer import load_specials, load_tokenizer
     from llmctl.train import distributed
     from llmctl.train.batches import StepBatches, token_streams
@@ -99,7 +65,11 @@ def run(tokens_dir: Path, out: Path, cfg: PretrainConfig, force: bool = False) -
     specials = load_specials(tokens_dir)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     init = _init_checkpoint(cfg, tokens) if cfg.init else None
-    mcfg = init[0].config if init else build_model_config(cfg, vocab)
+    try:
+        mcfg = init[0].config if init else model_config(cfg.preset, cfg.model, vocab,
+                                                        masked=cfg.objective == "mlm")  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     seq_len = cfg.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise UsageError(f"config key 'seq_len': {seq_len} > the model's max_seq_len")

@@ -181,9 +181,9 @@ def run(
     force: bool = False,
 ) -> dict[str, Any]:
     """Quantize `checkpoint` into a new checkpoint at `out`; returns the manifest stats."""
-    from llmctl.commands.generate import decode_dtype
     from llmctl.model.io import WEIGHTS_FILE, load_model, save_checkpoint
     from llmctl.model.quant import calibrate, layer_groups, quantize, quantized_modules
+    from llmctl.model.sample import decode_dtype
     from llmctl.tokenizer import check_fits, load_specials, load_tokenizer
 
     if cfg.method in ("static", "qat") and calib is None:

@@ -199,6 +199,44 @@ def load_config(dir: str | Path) -> Any:
         raise ValueError(f"{path}: {e}") from None
 
 
+ARCHS = ("gpt", "rwkv")
+
+
+def model_config(preset: str, overrides: dict[str, Any], vocab_size: int, *,
+                 masked: bool = False) -> GPTConfig | RWKVConfig:  # fmt: skip
+    """The config of a fresh model (what `pretrain` and a `distill` student build): the named
+    preset, then the `model.*` overrides; the vocab from the tokenizer; `masked` (the mlm
+    objective) makes it bidirectional unless `causal` is given. The architecture is
+    `overrides["arch"]`, else the preset's. A bad key or value is a ValueError naming the key.
+
+    Example: model_config("small", {"n_layer": 4, "pos": "alibi"}, vocab_size=8192)"""
+    from llmctl.model import gpt, rwkv
+
+    presets = {**{n: gpt for n in gpt.PRESETS}, **{n: rwkv for n in rwkv.PRESETS}}
+    overrides = dict(overrides)
+    arch = overrides.pop("arch", "rwkv" if preset in rwkv.PRESETS else "gpt")
+    if arch not in ARCHS:
+        raise ValueError(f"config key 'model.arch': {arch!r} is not one of {', '.join(ARCHS)}")
+    name = preset
+    if arch == "rwkv" and name in gpt.PRESETS and f"rwkv-{name}" in rwkv.PRESETS:
+        name = f"rwkv-{name}"  # --set model.arch=rwkv with the default preset
+    if name not in presets:
+        raise ValueError(f"config key 'preset': {preset!r} is not one of {', '.join(presets)}")
+    module = presets[name]
+    if (module is rwkv) != (arch == "rwkv"):
+        raise ValueError(f"config key 'model.arch': {arch!r} does not fit preset {name!r}")
+    if "vocab_size" in overrides:
+        raise ValueError("config key 'model.vocab_size': set by the tokenizer, not configurable")
+    if masked:
+        if arch == "rwkv":
+            raise ValueError("config key 'objective': an RWKV model is causal; mlm needs a GPT")
+        overrides.setdefault("causal", False)
+    try:
+        return module.preset(name, **overrides, vocab_size=vocab_size)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config key 'model': {e}") from e
+
+
 def build_model(config: Any, blocks: dict[str, Any] | None = None) -> nn.Module:
     """A model of `config`'s registered type with the swaps of `blocks` ({"quantization":
     {...}}) applied, on the current default device (use `torch.device("meta")` to defer)."""
