@@ -133,7 +133,7 @@ def graph_step_seconds(model: GPT, prompt_len: int, new: int) -> float:
 
 
 def cuda_rows(quick: bool) -> list[dict[str, object]]:
-    """The GPU table (see the module docstring); each side warmed up, best of 3 runs."""
+    """The GPU table (see the module docstring); each side warmed up, then best of 2 runs."""
     import transformers
 
     rows: list[dict[str, object]] = []
