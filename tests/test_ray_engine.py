@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from llmctl.cli import app
 from llmctl.commands import dedup as dedup_cmd
 from llmctl.data import dedup as dd
+from llmctl.data import dedup_ray
 from llmctl.data import engine as engine_mod
 
 ray = pytest.importorskip("ray")
@@ -139,9 +140,9 @@ def test_dedup_on_ray_is_byte_identical(
     assert stats["bad_records"] == {"bad_json": 1}
     # Small blocks everywhere: several map tasks, more shuffle partitions than buckets need.
     monkeypatch.setattr(dedup_cmd, "BATCH_DOCS", 9)
-    monkeypatch.setattr(dedup_cmd, "BAND_BLOCK_DOCS", 13)
+    monkeypatch.setattr(dedup_ray, "BAND_BLOCK_DOCS", 13)
     for workers, per_cpu in (("2", 3), ("1", 1)):
-        monkeypatch.setattr(dedup_cmd, "PARTITIONS_PER_CPU", per_cpu)
+        monkeypatch.setattr(dedup_ray, "PARTITIONS_PER_CPU", per_cpu)
         out = tmp_path / f"ray-{workers}"
         build("dedup", dedup_input, "--out", out, "--engine", "ray", "-j", workers)
         assert_same_artifact(local, out)
