@@ -144,6 +144,7 @@ def _llama2c(paths: list[Path]) -> tuple[Any, dict[str, bytes], list[Path], dict
 
 def _hf(paths: list[Path]) -> tuple[Any, dict[str, Any], list[Path], dict[str, Any]]:
     from llmctl.model.hf import INDEX_FILE, read_hf, weight_files
+    from llmctl.tokenizer import minimal_tokenizer_config, with_hf_post_processor
 
     if len(paths) != 1 or not paths[0].is_dir():
         raise UsageError("hf import takes one transformers model folder")
@@ -163,12 +164,12 @@ def _hf(paths: list[Path]) -> tuple[Any, dict[str, Any], list[Path], dict[str, A
     tc = dir / "tokenizer_config.json"
     if tc.is_file():
         files["tokenizer_config.json"] = tc
-        built = _with_post_processor(dir / "tokenizer.json", tc)
+        built = with_hf_post_processor(dir / "tokenizer.json", tc)
         if built is not None:
             files["tokenizer.json"] = built
     else:
         warn(f"{dir}: no tokenizer_config.json; special tokens come from config.json's ids")
-        files["tokenizer_config.json"] = _minimal_tokenizer_config(dir, raw)
+        files["tokenizer_config.json"] = minimal_tokenizer_config(dir, raw)
     for extra in ("special_tokens_map.json", "generation_config.json"):
         if (dir / extra).is_file():
             files[extra] = dir / extra
@@ -185,53 +186,6 @@ def _hf(paths: list[Path]) -> tuple[Any, dict[str, Any], list[Path], dict[str, A
         notes["license"] = license
         sources.append(dir / "README.md")
     return model, files, sources, notes
-
-
-def _with_post_processor(tok_path: Path, tc_path: Path) -> bytes | None:
-    """tokenizer.json with the post-processor transformers builds when the file has none and
-    tokenizer_config.json says add_bos_token / add_eos_token (so `encode_prompt` adds the same
-    specials as transformers' tokenizer); None when nothing needs adding."""
-    try:
-        tok = json.loads(tok_path.read_text(encoding="utf-8"))
-        tc = json.loads(tc_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{tok_path.parent}: tokenizer files are not valid JSON ({e})") from None
-    if not isinstance(tok, dict) or not isinstance(tc, dict) or tok.get("post_processor"):
-        return None
-    ids = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    ids |= {k: v for k, v in tok.get("model", {}).get("vocab", {}).items() if k not in ids}
-
-    def name(key: str) -> str | None:
-        v = tc.get(key)
-        v = v.get("content") if isinstance(v, dict) else v
-        return v if isinstance(v, str) and v in ids else None
-
-    bos = name("bos_token") if tc.get("add_bos_token") else None
-    eos = name("eos_token") if tc.get("add_eos_token") else None
-    if bos is None and eos is None:
-        return None
-    # the template transformers' update_post_processor writes
-    single = ([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else [])
-    pair = single + ([f"{bos}:1"] if bos else []) + ["$B:1"] + ([f"{eos}:1"] if eos else [])
-    from tokenizers import processors
-
-    specials = [(t, ids[t]) for t in (bos, eos) if t]
-    proc = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-    tok["post_processor"] = json.loads(proc.__getstate__())
-    return (json.dumps(tok, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-def _minimal_tokenizer_config(dir: Path, raw: dict[str, Any]) -> bytes:
-    tok = json.loads((dir / "tokenizer.json").read_text(encoding="utf-8"))
-    names = {t["id"]: t["content"] for t in tok.get("added_tokens", [])}
-    vocab = {v: k for k, v in tok.get("model", {}).get("vocab", {}).items()}
-    out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    for key in ("bos", "eos", "pad"):
-        i = raw.get(f"{key}_token_id")
-        i = i[0] if isinstance(i, list) and i else i
-        if isinstance(i, int) and (i in names or i in vocab):
-            out[f"{key}_token"] = names.get(i, vocab.get(i))
-    return (json.dumps(out, indent=2) + "\n").encode()
 
 
 def _card_license(card: Path) -> str:
