@@ -10,6 +10,11 @@ class UsageError(Exception):
     """Bad input, bad config or a refused operation; the message is one line for the user."""
 
 
+class CheckpointError(UsageError, ValueError):
+    """A checkpoint's files are missing, malformed or do not fit its config (`load_model`):
+    a ValueError to library callers, a one-line usage error (exit 2) at the CLI."""
+
+
 class DistributedFailure(Exception):
     """Another training process died, failed or stopped answering (a collective failed or timed
     out); the message is one line saying which rank saw it and that rerunning resumes."""

@@ -187,10 +187,7 @@ def train_preference(
     if Path(out).exists() and not force:
         raise UsageError(f"{out}: already exists; use --force to replace it")
     tok, specials = load_tokenizer(checkpoint), load_specials(checkpoint)
-    try:
-        model = load_model(checkpoint)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    model = load_model(checkpoint)
     mcfg = model.config
     check_fits(tok, mcfg.vocab_size, str(checkpoint))
     if not getattr(mcfg, "causal", True) or getattr(mcfg, "head", "lm") != "lm":

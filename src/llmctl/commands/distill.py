@@ -45,6 +45,7 @@ from llmctl.config import helpful, nested, to_dict
 from llmctl.data.answers import ApiSettings
 from llmctl.data.chats import ChatDataConfig
 from llmctl.errors import UsageError
+from llmctl.model.io import load_model
 from llmctl.model.sample import GenerationParams
 from llmctl.runtime import info, seed_everything, summary, warn
 from llmctl.train.settings import COSMETIC, TrainSettings
@@ -135,15 +136,6 @@ def run(
 # --- students and teachers -------------------------------------------------------------------
 
 
-def _load(path: Path, device: torch.device | str = "cpu", dtype: Any = None) -> Any:
-    from llmctl.model.io import load_model
-
-    try:
-        return load_model(path, device=device, dtype=dtype)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 def _tokenizer_sha(path: Path) -> str:
     from llmctl.tokenizer import tokenizer_file
 
@@ -161,7 +153,7 @@ def _build_student(
         if cfg.model:
             raise UsageError("config key 'model': overrides apply to --student-preset only")
         m = open_artifact(student, "checkpoint")
-        return Student(_load(student).float().train(), m.digest, student, student)
+        return Student(load_model(student).float().train(), m.digest, student, student)
     try:
         mcfg = model_config(cfg.student_preset, dict(cfg.model), vocab_size)
     except ValueError as e:
@@ -224,7 +216,7 @@ def _run_logits(
             f"tokenizer.json than teacher {teacher}"
         )
     world = distributed.init(cfg.device)
-    t_model = _load(teacher)
+    t_model = load_model(teacher)
     vocab = t_model.config.vocab_size
     stud = _build_student(cfg, student, teacher, vocab)
     model = stud.model.to(world.device)
@@ -404,7 +396,7 @@ def _run_responses(
             else:
                 from llmctl.train.rollout import checkpoint_answers
 
-                t_model = _load(Path(teacher), world.device, _teacher_dtype(cfg, world.device))
+                t_model = load_model(Path(teacher), world.device, _teacher_dtype(cfg, world.device))
                 seed = cfg.gen.seed if cfg.gen.seed is not None else cfg.seed
                 got, stats_answers = checkpoint_answers(
                     t_model, Path(teacher), prompts, dataclasses.replace(cfg.gen, seed=seed),

@@ -69,10 +69,7 @@ def run(
     open_artifact(checkpoint, "checkpoint")
     tok = load_tokenizer(checkpoint)
     specials = load_specials(checkpoint)
-    try:
-        model = load_model(checkpoint, device=pick_device(cfg.device))
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    model = load_model(checkpoint, device=pick_device(cfg.device))
     check_fits(tok, model.config.vocab_size, str(checkpoint))
     if getattr(model.config, "head", "lm") == "score":
         return reward_eval(checkpoint, model, data, cfg, as_json)

@@ -87,10 +87,7 @@ def run(checkpoint: Path, out: Path, cfg: ExportConfig, force: bool = False) -> 
     from llmctl.tokenizer import load_specials
 
     ckpt = open_artifact(checkpoint, "checkpoint")
-    try:
-        model = load_model(checkpoint)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    model = load_model(checkpoint)
     from llmctl.model.hf import GGUF_LAYOUTS, hf_layout
     from llmctl.model.io import build_model
 

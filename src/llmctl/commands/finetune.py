@@ -89,10 +89,7 @@ def run(
     ckpt = open_artifact(checkpoint, "checkpoint")
     tok = load_tokenizer(checkpoint)
     specials = load_specials(checkpoint)
-    try:
-        model = load_model(checkpoint)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    model = load_model(checkpoint)
     check_fits(tok, model.config.vocab_size, str(checkpoint))
     if not getattr(model.config, "causal", True):
         raise UsageError(f"{checkpoint}: a masked-LM (bidirectional) model cannot be tuned to chat")

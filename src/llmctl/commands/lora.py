@@ -95,10 +95,7 @@ def run(
 
     ckpt = open_artifact(checkpoint, "checkpoint")
     world = distributed.init(cfg.device)
-    try:
-        model = load_model(checkpoint, device=world.device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    model = load_model(checkpoint, device=world.device)
     mcfg = model.config
     check_fits(load_tokenizer(checkpoint), mcfg.vocab_size, str(checkpoint))
     packed = cfg.packing and not any(is_artifact(p) for p in data)

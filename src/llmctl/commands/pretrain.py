@@ -149,10 +149,7 @@ def _init_checkpoint(cfg: PretrainConfig, tokens: Any) -> tuple[Any, str]:
             f"{tokens.path}: made with a different tokenizer than --init {ckpt.path}; "
             f"re-tokenize with `llmctl tokenize ... --tokenizer {ckpt.path}`"
         )
-    try:
-        model = load_model(ckpt.path, "cpu", torch.float32)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    model = load_model(ckpt.path, "cpu", torch.float32)
     if cfg.objective == "causal" and not model.config.causal:
         raise UsageError(f"{ckpt.path}: a masked-LM model; --objective causal needs a causal one")
     return model.train(), ckpt.digest

@@ -190,10 +190,7 @@ def run(
         what = "a tokens artifact or documents" if cfg.method == "static" else "a tokens artifact"
         raise UsageError(f"--method {cfg.method} needs calibration data: --calib DATA ({what})")
     base = open_artifact(checkpoint, "checkpoint")
-    try:
-        model = load_model(checkpoint)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    model = load_model(checkpoint)
     if getattr(model, "quantization", None) is not None:
         raise UsageError(f"{checkpoint}: is already quantized ({model.quantization['method']})")
     if not model.config.causal:

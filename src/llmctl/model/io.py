@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from llmctl.errors import CheckpointError
 from llmctl.model.gpt import GPT, GPTConfig
 from llmctl.model.rwkv import RWKV, RWKVConfig
 
@@ -276,9 +277,16 @@ def load_model(
     dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Any:
     """Build the model saved in `dir` on `device` (cast to `dtype` if given), in eval mode.
-    Raises ValueError naming the file and tensor for a missing, unexpected, misshapen,
-    wrongly typed or non-finite tensor."""
-    dir = Path(dir)
+    Raises CheckpointError (a ValueError; a usage error at the CLI) naming the file, key or
+    tensor for a bad config or a missing, unexpected, misshapen, wrongly typed or non-finite
+    tensor."""
+    try:
+        return _load_model(Path(dir), device, dtype)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _load_model(dir: Path, device: torch.device | str, dtype: torch.dtype | None) -> Any:
     config = load_config(dir)
     data = _read_config(dir)
     saved_dtype = data.get("dtype")

@@ -40,10 +40,7 @@ def load_policy(checkpoint: Path, device: Any) -> nn.Module:
     """The checkpoint as a trainable fp32 causal LM on `device` (UsageError otherwise)."""
     from llmctl.model.io import load_model
 
-    try:
-        model = load_model(checkpoint).float()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    model = load_model(checkpoint).float()
     if getattr(model.config, "head", "lm") != "lm":
         raise UsageError(f"{checkpoint}: a reward model (head='score') cannot be the policy")
     if not getattr(model.config, "causal", True):

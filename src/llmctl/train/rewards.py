@@ -176,10 +176,7 @@ class JudgeLM:
 def _load_checkpoint(path: Path, device: Any) -> nn.Module:
     from llmctl.model.io import load_model
 
-    try:
-        return load_model(path, device=device).eval().requires_grad_(False)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    return load_model(path, device=device).eval().requires_grad_(False)
 
 
 def _tokenizer_sha(path: Path) -> str:
