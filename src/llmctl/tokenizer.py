@@ -275,6 +275,19 @@ def minimal_tokenizer_config(dir: Path, raw: dict[str, Any]) -> bytes:
     return (json.dumps(out, indent=2) + "\n").encode()
 
 
+def tokenizer_config_with_template(checkpoint: Path, template: str | None) -> bytes | None:
+    """`checkpoint`'s tokenizer_config.json with `template` written in as its chat_template
+    (None: as it is), so a trained model carries the template it was trained with (`generate
+    --chat` and transformers render what was trained); None when it has no such file."""
+    path = checkpoint / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if template is not None:
+        data["chat_template"] = template
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def tokenizer_file(path: Path | str) -> Path:
     """The `tokenizer.json` that `path` names: the file itself, or the one inside a directory.
 

@@ -172,9 +172,11 @@ def train_preference(
         check_fits,
         load_specials,
         load_tokenizer,
+        tokenizer_config_with_template,
     )
     from llmctl.train import distributed
     from llmctl.train.batches import StepBatches, as_tensors
+    from llmctl.train.loop import first_evaluation
     from llmctl.train.reference import (
         cached_reference_logps,
         reference_context,
@@ -290,7 +292,10 @@ def train_preference(
         info(f"align --method {cfg.method}: {checkpoint} ({n / 1e6:.2f}M params, {t / 1e6:.2f}M "
              f"train), {s['pairs']:,} items ({len(train_idx):,} train, {len(val_idx):,} "
              f"held out), {steps:,} steps; reference: {ref_state}")  # fmt: skip
-    tokenizer_config = _tokenizer_config(checkpoint, base_template, template)
+    # the template trained with travels with the output (the base's own stays as it is)
+    tokenizer_config = tokenizer_config_with_template(
+        checkpoint, None if base_template else template
+    )
 
     def save(dir: Path, final: torch.nn.Module) -> None:
         if cfg.lora:
@@ -316,7 +321,7 @@ def train_preference(
 
     def stats(result: Any) -> dict[str, Any]:
         v = result.val_metrics
-        base = _step0(partial_dir(out) / "metrics.jsonl")
+        base = first_evaluation(partial_dir(out) / "metrics.jsonl")
         pref = {
             "method": cfg.method,
             "accuracy": v.get("val_accuracy"),
@@ -385,27 +390,6 @@ def _objective(cfg: AlignConfig) -> Any:
                             undesirable_weight=cfg.kto_undesirable_weight)  # fmt: skip
     return PairObjective(cfg.method, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                          simpo_gamma=cfg.simpo_gamma, orpo_lambda=cfg.orpo_lambda)  # fmt: skip
-
-
-def _tokenizer_config(checkpoint: Path, base_template: str | None, template: str) -> bytes | None:
-    path = checkpoint / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if base_template is None:
-        data["chat_template"] = template
-    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _step0(metrics: Path) -> dict[str, Any]:
-    """The evaluation logged at step 0 (the base), or {}."""
-    if not metrics.is_file():
-        return {}
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        if rec.get("step") == 0 and "val_loss" in rec:
-            return rec
-    return {}
 
 
 def _summary(out: Path, s: dict[str, Any]) -> None:

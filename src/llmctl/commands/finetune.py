@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +79,16 @@ def run(
     the manifest stats (empty on ranks > 0)."""
     from llmctl.data.chats import data_digest, prepare_chats, write_rejected
     from llmctl.model.io import load_model, save_checkpoint
-    from llmctl.tokenizer import check_fits, load_specials, load_tokenizer
+    from llmctl.tokenizer import (
+        CHAT_TEMPLATE,
+        check_fits,
+        load_specials,
+        load_tokenizer,
+        tokenizer_config_with_template,
+    )
     from llmctl.train import distributed
     from llmctl.train.batches import StepBatches
+    from llmctl.train.loop import first_evaluation
     from llmctl.train.objectives import NextToken
     from llmctl.train.run import train_and_publish
 
@@ -130,7 +136,11 @@ def run(
              f"{rows.rows_per_epoch():,} rows of {rows.row_len} per epoch, "
              f"{steps:,} steps")  # fmt: skip
 
-    tokenizer_config = _tokenizer_config(checkpoint, sets.base_template)
+    tokenizer_config = tokenizer_config_with_template(
+        checkpoint, None if sets.base_template else CHAT_TEMPLATE
+    )
+    if tokenizer_config is None:
+        warn(f"{checkpoint}: no tokenizer_config.json; the chat template is not recorded")
 
     def save(dir: Path, final: torch.nn.Module) -> None:
         extra: dict[str, Path | bytes] = {"tokenizer.json": checkpoint / "tokenizer.json"}
@@ -145,7 +155,7 @@ def run(
         write_rejected(dir, sets.data.rejected)
 
     def stats(result: Any) -> dict[str, Any]:
-        base = _first_val_loss(partial_dir(out) / "metrics.jsonl")
+        base = first_evaluation(partial_dir(out) / "metrics.jsonl").get("val_loss")
         return {
             "base_val_loss": base,
             "params": sum(p.numel() for p in model.parameters()),
@@ -186,32 +196,6 @@ def run(
     if world.main:
         _summary(out, result)
     return result
-
-
-def _tokenizer_config(checkpoint: Path, base_template: str | None) -> bytes | None:
-    """The output's tokenizer_config.json: the base's, with llmctl's chat template written in
-    when it has none (so `generate --chat` and transformers render what was trained)."""
-    from llmctl.tokenizer import CHAT_TEMPLATE
-
-    path = checkpoint / "tokenizer_config.json"
-    if not path.is_file():
-        warn(f"{checkpoint}: no tokenizer_config.json; the chat template is not recorded")
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if base_template is None:
-        data["chat_template"] = CHAT_TEMPLATE
-    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _first_val_loss(metrics: Path) -> float | None:
-    """The val loss logged at step 0 (before any training), if any."""
-    if not metrics.is_file():
-        return None
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        if rec.get("step") == 0 and "val_loss" in rec:
-            return rec["val_loss"]
-    return None
 
 
 def _summary(out: Path, s: dict[str, Any]) -> None:

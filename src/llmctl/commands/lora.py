@@ -90,6 +90,7 @@ def run(
     from llmctl.tokenizer import check_fits, load_tokenizer
     from llmctl.train import distributed
     from llmctl.train.batches import StepBatches
+    from llmctl.train.loop import first_evaluation
     from llmctl.train.objectives import NextToken
     from llmctl.train.run import train_and_publish
 
@@ -164,7 +165,7 @@ def run(
             "base_digest": ckpt.digest,
             "base_bytes": base_bytes,
             # evaluated before the first step: the untrained adapter adds exactly 0
-            "base_val_loss": _first_val_loss(partial_dir(out) / "metrics.jsonl"),
+            "base_val_loss": first_evaluation(partial_dir(out) / "metrics.jsonl").get("val_loss"),
             **data_info["stats"],
         },
         val=val,
@@ -272,17 +273,6 @@ def _instruction_data(
         "cfg": cfg,
     }
     return rows.sample, val, facts
-
-
-def _first_val_loss(metrics: Path) -> float | None:
-    """The val loss the loop logged at step 0 (`eval_first`: before any training)."""
-    if not metrics.is_file():
-        return None
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        if rec.get("step") == 0 and "val_loss" in rec:
-            return rec["val_loss"]
-    return None
 
 
 def merge(checkpoint: Path, adapter: Path, out: Path, force: bool = False) -> dict[str, Any]:

@@ -160,6 +160,18 @@ class Writer:
         os.replace(tmp, self.metrics_path)
 
 
+def first_evaluation(metrics: Path) -> dict[str, Any]:
+    """The evaluation the loop logged at step 0 in `metrics` (metrics.jsonl; `eval_first`:
+    the base model, before any training), or {} when there is none."""
+    if not metrics.is_file():
+        return {}
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("step") == 0 and "val_loss" in rec:
+            return rec
+    return {}
+
+
 class _Signals(AbstractContextManager["_Signals"]):
     """Turn SIGINT/SIGTERM into a flag checked between steps (so state is saved first)."""
 
