@@ -63,6 +63,7 @@ from llmctl.data.docs import (
     Raw,
     ReadOptions,
     iter_raw,
+    keep_aside,
     load_json_line,
 )
 from llmctl.errors import UsageError
@@ -482,12 +483,7 @@ def load_chats(
     stats = data.stats
 
     def reject(bad: BadRecord) -> None:
-        if opts.strict:
-            raise UsageError(
-                f"{bad.where}: {bad.reason}" + (f": {bad.excerpt}" * bool(bad.excerpt))
-            )
-        data.rejected.append(bad)
-        stats["rejected"][bad.reason] = stats["rejected"].get(bad.reason, 0) + 1
+        keep_aside(bad, data.rejected, stats["rejected"], opts.strict)
 
     for path in files:
         name = str(path)

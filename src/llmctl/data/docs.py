@@ -88,6 +88,20 @@ class BadRecord:
             "excerpt": self.excerpt,
         }
 
+    def message(self) -> str:
+        """The one-line error `--strict` stops with: where, why, and the excerpt if any."""
+        return f"{self.where}: {self.reason}" + (f": {self.excerpt}" if self.excerpt else "")
+
+
+def keep_aside(bad: BadRecord, rejected: list[BadRecord], counts: dict[str, int],
+               strict: bool) -> None:  # fmt: skip
+    """Keep a malformed record in `rejected` and count it under its reason in `counts`; with
+    `strict`, stop instead with its one-line UsageError."""
+    if strict:
+        raise UsageError(bad.message())
+    rejected.append(bad)
+    counts[bad.reason] = counts.get(bad.reason, 0) + 1
+
 
 @dataclass(slots=True)
 class Raw:
@@ -490,9 +504,7 @@ class ErrorLog:
 
     def add(self, bad: BadRecord) -> None:
         if self.strict:
-            raise UsageError(
-                f"{bad.where}: {bad.reason}{': ' + bad.excerpt if bad.excerpt else ''}"
-            )
+            raise UsageError(bad.message())
         self.counts[bad.reason] = self.counts.get(bad.reason, 0) + 1
         self._f.write(json.dumps(bad.to_record(), ensure_ascii=False) + "\n")
 

@@ -55,7 +55,7 @@ from llmctl.data.chats import (
     special_strings,
     truncate,
 )
-from llmctl.data.docs import EXCERPT_CHARS, BadRecord
+from llmctl.data.docs import EXCERPT_CHARS, BadRecord, keep_aside
 from llmctl.errors import UsageError
 
 SHAPES = {
@@ -304,12 +304,7 @@ def load_preferences(
     parsed: list[tuple[Messages, str, str | None, bool | None, str]] = []
 
     def reject(bad: BadRecord) -> None:
-        if opts.strict:
-            raise UsageError(
-                f"{bad.where}: {bad.reason}" + (f": {bad.excerpt}" * bool(bad.excerpt))
-            )
-        data.rejected.append(bad)
-        stats["rejected"][bad.reason] = stats["rejected"].get(bad.reason, 0) + 1
+        keep_aside(bad, data.rejected, stats["rejected"], opts.strict)
 
     for name, records in _sources(sources, opts):
         shape: str | None = None

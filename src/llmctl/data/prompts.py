@@ -156,7 +156,7 @@ def load_prompts(
         for item in iter_records(Path(path), max_line_bytes):
             if isinstance(item, BadRecord):
                 if strict:
-                    raise UsageError(f"{item.where}: {item.reason}: {item.excerpt}")
+                    raise UsageError(item.message())
                 got.rejected.append(item)
                 continue
             line, rec = item
