@@ -23,6 +23,7 @@ from llmctl.commands import eval as eval_cmd
 from llmctl.model.io import load_config, load_model, save_checkpoint
 from llmctl.model.rwkv import NEG, RWKV, RWKVConfig, preset, wkv_chunked, wkv_empty, wkv_step
 from llmctl.model.sample import GenerationParams, Stops, generate
+from rwkv_models import random_model
 
 DATA = Path(__file__).parent / "data" / "tinyshakespeare" / "input.txt"
 TINY = ["--preset", "rwkv-tiny", "--batch-size", "4", "--seq-len", "32", "--device", "cpu"]
@@ -30,25 +31,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 runner = CliRunner()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def random_model(seed: int = 0, vocab: int = 61, **kw: object) -> RWKV:
-    """An RWKV whose every parameter is random (the init's zeros would hide mistakes)."""
-    torch.manual_seed(seed)
-    model = RWKV(preset("rwkv-tiny", vocab_size=vocab, **kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "time_decay" in name:
-                p.uniform_(-3.0, 2.0)  # decays exp(-e^-3) .. exp(-e^2) per step
-            elif "time_first" in name:
-                p.uniform_(-2.0, 2.0)
-            elif "time_mix" in name:
-                p.uniform_(0.0, 1.0)
-            elif p.dim() == 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-            else:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
-    return model.eval()
 
 
 def stepwise(model: RWKV, ids: torch.Tensor, splits: list[int]) -> torch.Tensor:

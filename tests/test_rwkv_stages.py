@@ -19,6 +19,7 @@ from llmctl.cli import app
 from llmctl.model.io import load_model
 from llmctl.model.lora import apply_lora, resolve_targets
 from llmctl.model.rwkv import RWKV, preset
+from rwkv_models import random_model
 
 DATA = Path(__file__).parent / "data" / "tinyshakespeare" / "input.txt"
 SFT = Path(__file__).parents[1] / "recipes" / "data" / "sft" / "identity.jsonl"
@@ -38,32 +39,10 @@ def ok(*args: object) -> str:
     return r.stdout
 
 
-def random_rwkv(seed: int = 0, vocab: int = 61, **kw: object) -> RWKV:
-    """Every parameter random (the paper's init has zero matrices that would hide mistakes)."""
-    torch.manual_seed(seed)
-    model = RWKV(preset("rwkv-tiny", vocab_size=vocab, **kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "time_decay" in name:
-                p.uniform_(-3.0, 2.0)
-            elif "time_first" in name:
-                p.uniform_(-2.0, 2.0)
-            elif "time_mix" in name:
-                p.uniform_(0.0, 1.0)
-            elif p.dim() == 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-            else:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
-    return model.eval()
-
-
-# --- model level -------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("chunk", [1, 3, 8, 64])
 def test_packed_rows_compute_each_document_alone(chunk: int) -> None:
-    model = random_rwkv(chunk, chunk_size=chunk)
+    model = random_model(chunk, chunk_size=chunk)
     ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(chunk))
     seg = torch.tensor([[1] * 7 + [2] * 20 + [3] * 10 + [0] * 3, [1] * 15 + [2] * 25])
     packed = model(ids, segment_ids=seg)
@@ -79,7 +58,7 @@ def test_packed_rows_compute_each_document_alone(chunk: int) -> None:
 
 
 def test_lora_targets_of_rwkv() -> None:
-    model = random_rwkv()
+    model = random_model()
     assert resolve_targets(["attn"], model)[0] == (
         "att.key", "att.value", "att.receptance", "att.output"
     )  # fmt: skip
@@ -92,7 +71,7 @@ def test_lora_targets_of_rwkv() -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     with pytest.raises(ValueError, match=r"'q_proj' is not one of attn, mlp, all, att\.key"):
-        resolve_targets("q_proj", random_rwkv())
+        resolve_targets("q_proj", random_model())
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -238,7 +217,7 @@ def test_export_hf_equals_transformers_and_imports_back(
     tokens, ckpt, _ = base
     # a random-weight model (all parameters non-trivial) in a checkpoint artifact: import hf of
     # transformers' own save, then export hf, then transformers reads the export
-    model = random_rwkv(7, vocab=512)
+    model = random_model(7, vocab=512)
     src = tmp_path / "src"
     from llmctl.model.hf_rwkv import to_hf_rwkv
 
@@ -281,7 +260,7 @@ def test_import_hf_refuses_what_rwkv_cannot_compute(tmp_path: Path) -> None:
     src = tmp_path / "src"
     from llmctl.model.hf_rwkv import to_hf_rwkv
 
-    to_hf_rwkv(random_rwkv(vocab=61)).save_pretrained(src)
+    to_hf_rwkv(random_model(vocab=61)).save_pretrained(src)
     cfg = json.loads((src / "config.json").read_text())
     for key, value, message in (
         ("layer_norm_epsilon", 1e-6, "layer_norm_epsilon"),
