@@ -225,6 +225,26 @@ def rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+def stopped_and_rerun(monkeypatch: pytest.MonkeyPatch, base: Path, prompts: Path, out: Path,
+                      method: str, cfg: OnlineConfig, stop_at: int) -> Path:  # fmt: skip
+    """Run until the `stop_at`-th rollout is asked for (Ctrl-C there), then rerun the same
+    command; returns what the rerun published."""
+    real = experience.Rollouts.__next__
+    calls = {"n": 0}
+
+    def failing(self: experience.Rollouts) -> dict:
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(experience.Rollouts, "__next__", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_online(base, [prompts], out, method, "builtin:distinct", cfg)
+    monkeypatch.setattr(experience.Rollouts, "__next__", real)
+    return run_online(base, [prompts], out, method, "builtin:distinct", cfg)
+
+
 def test_grpo_publishes_stats_and_resumes_bit_for_bit(
     base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,20 +260,7 @@ def test_grpo_publishes_stats_and_resumes_bit_for_bit(
     assert {"reward", "kl", "clip_frac", "response_len"} <= set(last)
 
     # Stop during step 3 (after the state of step 2 was saved), then rerun: same weights.
-    real = experience.Rollouts.__next__
-    calls = {"n": 0}
-
-    def failing(self: experience.Rollouts) -> dict:
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(experience.Rollouts, "__next__", failing)
-    with pytest.raises(KeyboardInterrupt):
-        run_online(base, [prompts], tmp_path / "b", "grpo", "builtin:distinct", cfg)
-    monkeypatch.setattr(experience.Rollouts, "__next__", real)
-    resumed = run_online(base, [prompts], tmp_path / "b", "grpo", "builtin:distinct", cfg)
+    resumed = stopped_and_rerun(monkeypatch, base, prompts, tmp_path / "b", "grpo", cfg, 4)
     assert open_artifact(resumed, "checkpoint").stats["start_step"] == 2
     assert changed(base, straight)
     assert sha(resumed / "model.safetensors") == sha(straight / "model.safetensors")
@@ -385,20 +392,7 @@ def test_ppo_resumes_bit_for_bit_inside_a_rollout_cycle(
     # ppo_epochs=2: step 1 reuses step 0's rollout; a stop there resumes from the saved rollout
     cfg = OnlineConfig(steps=3, save_every=1, eval_every=0, ppo_epochs=2, **FAST)
     straight = run_online(base, [prompts], tmp_path / "a", "ppo", "builtin:distinct", cfg)
-    real = experience.Rollouts.__next__
-    calls = {"n": 0}
-
-    def failing(self: experience.Rollouts) -> dict:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(experience.Rollouts, "__next__", failing)
-    with pytest.raises(KeyboardInterrupt):
-        run_online(base, [prompts], tmp_path / "b", "ppo", "builtin:distinct", cfg)
-    monkeypatch.setattr(experience.Rollouts, "__next__", real)
-    resumed = run_online(base, [prompts], tmp_path / "b", "ppo", "builtin:distinct", cfg)
+    resumed = stopped_and_rerun(monkeypatch, base, prompts, tmp_path / "b", "ppo", cfg, 2)
     assert open_artifact(resumed, "checkpoint").stats["start_step"] == 1
     assert changed(base, straight)
     assert sha(resumed / "model.safetensors") == sha(straight / "model.safetensors")
