@@ -320,16 +320,14 @@ def _run_responses(
     tokenizer: Path | None, force: bool,
 ) -> dict[str, Any]:  # fmt: skip
     from llmctl.data import answers as ans
-    from llmctl.data.chats import ChatRows, load_chats, split_examples
+    from llmctl.data.chats import prepare_chats
     from llmctl.tokenizer import (
-        CHAT_TEMPLATE,
-        chat_template_of,
         check_fits,
         load_specials,
         load_tokenizer,
     )
     from llmctl.train import distributed
-    from llmctl.train.batches import StepBatches, as_tensors
+    from llmctl.train.batches import StepBatches
     from llmctl.train.objectives import NextToken
     from llmctl.train.run import train_and_publish
 
@@ -418,11 +416,10 @@ def _run_responses(
     stud = _build_student(cfg, student, tok_dir, tok.get_vocab_size(with_added_tokens=True))
     model = stud.model
     check_fits(tok, model.config.vocab_size, str(tok_dir))
-    template = chat_template_of(tok_dir) or CHAT_TEMPLATE
     seq_len = cfg.seq_len or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         raise UsageError(f"config key 'seq_len': {seq_len} > the student's max_seq_len")
-    row_len = seq_len + 1
+    # the answers as chats, read as finetune reads its data (tok_dir's template, or llmctl's)
     with tempfile.TemporaryDirectory() as tmp:
         chats = Path(tmp) / "responses.jsonl"
         with open(chats, "w", encoding="utf-8") as f:
@@ -430,26 +427,21 @@ def _run_responses(
                 reply = {"role": "assistant", "content": r["response"]}
                 msgs = [*ans.api_messages(r["prompt"], ""), reply]
                 f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
-        loaded = load_chats([chats], tok, template=template, end_id=specials.end_of_turn,
-                            ctx=row_len, opts=cfg)  # fmt: skip
-    train_ex, val_ex = split_examples(loaded.examples, cfg.val_fraction)
-    pad = specials.pad_or_eos
-    rows = ChatRows(train_ex, row_len=row_len, batch_size=cfg.batch_size, pack=cfg.packing,
-                    seed=cfg.seed, pad_id=pad)  # fmt: skip
-    val = None
-    if val_ex:
-        val_rows = ChatRows(val_ex, row_len=row_len, batch_size=cfg.batch_size,
-                            pack=cfg.packing, seed=cfg.seed, pad_id=pad, shuffle=False)  # fmt: skip
-        val = lambda: (as_tensors(b) for b in val_rows.sequential(cfg.eval_batches))  # noqa: E731
+        sets = prepare_chats(tok_dir, [chats], cfg, tok=tok, specials=specials, seq_len=seq_len,
+                             batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+    loaded = sets.data
+    n_train, n_val = len(sets.train.examples), len(sets.val.examples) if sets.val else 0
+    val = sets.val_batches(cfg.eval_batches)
     model = model.to(world.device)
-    batches = StepBatches(rows.sample, accum=cfg.grad_accum, rank=world.rank, world=world.size)
+    batches = StepBatches(sets.train.sample, accum=cfg.grad_accum, rank=world.rank,
+                          world=world.size)  # fmt: skip
     settings = {k: v for k, v in to_dict(cfg).items() if k not in COSMETIC}
     settings["api"] = _answer_keys(cfg.api)  # timeouts, retries, concurrency may change on resume
     fingerprint = {"config": settings, "teacher": teacher_id, "student": stud.source,
                    "responses": responses_sha}  # fmt: skip
     if world.main:
         info(f"distill ({cfg.kind}): {len(ok):,} answers ({stats_answers.cached:,} cached) "
-             f"→ {len(train_ex):,} train / {len(val_ex):,} val examples, "
+             f"→ {n_train:,} train / {n_val:,} val examples, "
              f"{cfg.steps:,} steps")  # fmt: skip
 
     failed = [(where[a.index] if a.index < len(where) else str(a.index), a) for a in got
@@ -477,8 +469,8 @@ def _run_responses(
             "params": model.num_params(non_embedding=False),
             "seq_len": seq_len,
             "answers": dataclasses.asdict(stats_answers),
-            "examples_train": len(train_ex),
-            "examples_val": len(val_ex),
+            "examples_train": n_train,
+            "examples_val": n_val,
             "rejected": loaded.stats.get("rejected", {}),  # answers unusable as examples
         },
         val=val, flops_per_token=model.flops_per_token(seq_len), force=force,
