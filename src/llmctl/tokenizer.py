@@ -317,6 +317,14 @@ def tokenizer_file(path: Path | str) -> Path:
     return file
 
 
+def tokenizer_sha256(path: Path | str) -> str:
+    """sha256 of the tokenizer.json that `path` names (`tokenizer_file`): two models, or a
+    model and its token data, share one vocabulary exactly when these are equal."""
+    from llmctl.artifacts import sha256_file
+
+    return sha256_file(tokenizer_file(path))
+
+
 def load_tokenizer(path: Path | str) -> Tokenizer:
     """Load a tokenizer from a tokenizer.json, a tokens artifact or a checkpoint dir (llmctl's
     own or an imported model's: its special ids are whatever `load_specials` reads)."""

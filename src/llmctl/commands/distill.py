@@ -48,6 +48,7 @@ from llmctl.errors import UsageError
 from llmctl.model.io import load_model
 from llmctl.model.sample import GenerationParams
 from llmctl.runtime import info, seed_everything, summary, warn
+from llmctl.tokenizer import tokenizer_sha256
 from llmctl.train.settings import COSMETIC, TrainSettings
 
 KINDS = ("logit", "feature", "sequence", "api")
@@ -136,12 +137,6 @@ def run(
 # --- students and teachers -------------------------------------------------------------------
 
 
-def _tokenizer_sha(path: Path) -> str:
-    from llmctl.tokenizer import tokenizer_file
-
-    return sha256_file(tokenizer_file(path))
-
-
 def _build_student(
     cfg: DistillConfig, student: Path | None, tokenizer_dir: Path, vocab_size: int
 ) -> Student:
@@ -201,16 +196,16 @@ def _run_logits(
     tokens = open_artifact(data[0], "tokens")
     specials = load_specials(tokens.path)  # parses the data's tokenizer files (named if bad)
     t_ckpt = open_artifact(teacher, "checkpoint")
-    t_sha = _tokenizer_sha(teacher)
+    t_sha = tokenizer_sha256(teacher)
     if student is not None:
         open_artifact(student, "checkpoint")
-        s_sha = _tokenizer_sha(student)
+        s_sha = tokenizer_sha256(student)
         if s_sha != t_sha:
             raise UsageError(
                 f"tokenizer mismatch: teacher {teacher} (tokenizer.json {t_sha[:12]}) and "
                 f"student {student} ({s_sha[:12]}); {cfg.kind} distillation needs one tokenizer"
             )
-    if _tokenizer_sha(tokens.path) != t_sha:
+    if tokenizer_sha256(tokens.path) != t_sha:
         raise UsageError(
             f"tokenizer mismatch: DATA {tokens.path} was tokenized with a different "
             f"tokenizer.json than teacher {teacher}"

@@ -179,13 +179,6 @@ def _load_checkpoint(path: Path, device: Any) -> nn.Module:
     return load_model(path, device=device).eval().requires_grad_(False)
 
 
-def _tokenizer_sha(path: Path) -> str:
-    from llmctl.artifacts import sha256_file
-    from llmctl.tokenizer import tokenizer_file
-
-    return sha256_file(tokenizer_file(path))
-
-
 def load_reward(
     spec: str, *, tokenizer_dir: Path, device: Any = "cpu", pad_id: int = 0, what: str = "--reward"
 ) -> Reward:
@@ -233,12 +226,12 @@ def load_reward(
         raise UsageError(f"{what} {spec}: not a reward model (config head={head!r}, expected "
                          f"'score'); train one with align --method reward, or use it as a "
                          f"judge: judge:{spec}")  # fmt: skip
-    if _tokenizer_sha(path) != _tokenizer_sha(tokenizer_dir):
+    from llmctl.tokenizer import load_specials, tokenizer_sha256
+
+    if tokenizer_sha256(path) != tokenizer_sha256(tokenizer_dir):
         raise UsageError(f"{what} {spec}: its tokenizer differs from the policy's "
                          f"({tokenizer_dir}); a reward model must share the policy's "
                          "vocabulary")  # fmt: skip
-    from llmctl.tokenizer import load_specials
-
     # the rows it trained on end each answer with the end-of-turn token (data/preferences.py)
     end = (load_specials(path).end_of_turn,)
     return RewardModel(_load_checkpoint(path, device), pad_id, end=end)
