@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from llmctl.data.prompts import prompt_of
 from llmctl.errors import UsageError
 from llmctl.train.rewards import DistinctReward, LengthReward
-from llmctl.train.rlaif import PairSettings, make_pairs, rank_pairs, write_pairs
+from llmctl.train.rlaif import PairSettings, make_pairs, pairs_jsonl, rank_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = Path(__file__).parent / "data" / "tinyshakespeare" / "input.txt"
@@ -60,7 +60,8 @@ def test_pairs_from_a_builtin_and_an_lm_judge(base: Path, prompts: Path, tmp_pat
         assert p["chosen_score"] > p["rejected_score"] and p["chosen"] != p["rejected"]
     again, _ = make_pairs(base, [prompts], DistinctReward(), cfg)
     assert again == pairs  # the answers depend only on the seed and the prompt's index
-    out = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    out = tmp_path / "pairs.jsonl"
+    out.write_bytes(pairs_jsonl(pairs))
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert records == pairs and all(prompt_of(r)[0] for r in records)  # usable as DATA again
 

@@ -129,11 +129,3 @@ def read_json(path: Path | str, what: str = "JSON file", limit: int = MAX_JSON_B
     except (RecursionError, ValueError) as e:  # "[[[[..." deeper than the parser's recursion
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
         raise UsageError(f"{where}: {what} is not usable JSON ({why})") from None
-
-
-def read_json_object(path: Path | str, what: str = "JSON file") -> dict[str, Any]:
-    """`read_json`, refusing anything but a JSON object."""
-    data = read_json(path, what)
-    if not isinstance(data, dict):
-        raise UsageError(f"{display(path)}: {what} is not a JSON object")
-    return data

@@ -246,14 +246,6 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
-def lora_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module name: (A [r, in], B [out, r])} of every LoRA layer (detached, on their device)."""
-    return {
-        n: (m.lora_A.weight.detach(), m.lora_B.weight.detach())
-        for n, m in lora_layers(model).items()
-    }
-
-
 def lora_settings(model: nn.Module) -> dict[str, Any]:
     """The one (r, alpha, rslora) every LoRA layer of `model` shares; ValueError when mixed
     or when the model has none."""

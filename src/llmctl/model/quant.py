@@ -87,12 +87,6 @@ class QuantSpec:
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
 
-    @property
-    def weight_bits(self) -> int:
-        if self.method == "qat":
-            return self.bits
-        return 4 if self.method == "int4" else 8
-
     def block(self, modules: list[str]) -> dict[str, Any]:
         """The config.json `quantization` block (after QAT the method is the weight-only one)."""
         method = self.method if self.method != "qat" else f"int{self.bits}"

@@ -7,12 +7,12 @@ context), a judge (`train.rewards.Reward`: a reward-model checkpoint, or an LM j
 pair `{"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}`. A prompt whose best
 and worst scores tie (all answers judged equal, or identical texts) gives no pair and is
 counted. The records are valid DATA for `align --method dpo` (the prompt as the source record
-gave it: text or messages); `write_pairs` writes them as `pairs.jsonl`.
+gave it: text or messages); `pairs_jsonl` is their `pairs.jsonl`.
 
 Example:
     pairs, stats = make_pairs(Path("out/sft"), [Path("prompts.jsonl")], "judge:out/big",
                               PairSettings(k=4))
-    write_pairs(art.dir / "pairs.jsonl", pairs)   # stats: {"prompts", "pairs", "ties", ...}
+    (art.dir / "pairs.jsonl").write_bytes(pairs_jsonl(pairs))   # stats: {"prompts", "pairs", ...}
 """
 
 from __future__ import annotations
@@ -136,9 +136,3 @@ def make_pairs(
 def pairs_jsonl(pairs: list[dict[str, Any]]) -> bytes:
     """The content of `pairs.jsonl`: one record a line, UTF-8."""
     return "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in pairs).encode()
-
-
-def write_pairs(path: Path, pairs: list[dict[str, Any]]) -> Path:
-    """Write `pairs.jsonl` at `path`."""
-    path.write_bytes(pairs_jsonl(pairs))
-    return path
