@@ -374,7 +374,8 @@ def test_reward_model_scores_pairs_and_cannot_generate(
 
 @pytest.mark.slow
 def test_in_memory_pairs_and_the_hh_subset(base: Path, tmp_path: Path) -> None:
-    from llmctl.commands.align import AlignConfig, train_preference
+    from llmctl.commands.align import AlignConfig
+    from llmctl.train.preference_run import train_preference
 
     cfg = AlignConfig(steps=1, batch_size=2, seq_len=48, device="cpu", kl_pairs=2)
     s = train_preference(base, easy_pairs(8), tmp_path / "mem", cfg,
