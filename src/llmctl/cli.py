@@ -22,7 +22,7 @@ from rich.table import Table
 
 from llmctl import __version__
 from llmctl.config import describe, load_config
-from llmctl.errors import DistributedFailure, UsageError
+from llmctl.errors import DistributedFailure, UsageError, WorkerDied
 from llmctl.files import printable
 from llmctl.runtime import console, set_quiet
 
@@ -72,8 +72,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def command(fn: F, name: str | None = None) -> F:
-    """Register a subcommand that maps UsageError to exit 2 and OSError or DistributedFailure
-    to exit 1, each with one clear line (`name`: the subcommand's name when it is not the
+    """Register a subcommand that maps UsageError to exit 2 and OSError, DistributedFailure or
+    WorkerDied to exit 1, each with one clear line (`name`: the subcommand's name when it is not the
     function's)."""
 
     @functools.wraps(fn)
@@ -86,7 +86,7 @@ def command(fn: F, name: str | None = None) -> F:
             # printable: one line, whatever bytes a hostile file name or value holds
             console.print(f"[bold red]error:[/] {escape(printable(str(e)))}", soft_wrap=True)
             raise typer.Exit(2) from None
-        except DistributedFailure as e:
+        except (DistributedFailure, WorkerDied) as e:
             console.print(f"[bold red]error:[/] {escape(printable(str(e)))}", soft_wrap=True)
             raise typer.Exit(1) from None
         except BrokenPipeError:

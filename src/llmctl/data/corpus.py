@@ -169,7 +169,7 @@ _W: dict[str, Any] = {}  # per-worker state set by _init
 
 
 def _init(tok_json: str, opts: ReadOptions, rule: SplitRule, eos_id: int) -> None:
-    # One core per worker; this also keeps tokenizers' thread pool out of forked children.
+    # One core per worker: --workers processes, not workers × tokenizers threads.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = Tokenizer.from_str(tok_json)
     tok.encode_special_tokens = True  # "<|eos|>" typed in a document is text, not a token

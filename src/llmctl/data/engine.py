@@ -6,7 +6,7 @@ inputs, writes every output file and publishes the artifact exactly as with the 
 engines differ only in where `fn` runs, so the artifact is byte-identical for `local` and
 `ray`, any worker count and any block size.
 
-- `local`: `llmctl.data.pool.ordered_map` over forked worker processes.
+- `local`: `llmctl.data.pool.ordered_map` over worker processes (forked from a fork server).
 - `ray`: one Ray task per block. Tasks, not Ray Data: the stages already stream their input in
   order and need the results back in that order into one writer (shard numbering, the val tail
   rule, errors.jsonl by file:line), with a per-process setup (`init`: the fastText model, the
