@@ -25,6 +25,7 @@ import pytest
 
 from llmctl.artifacts import open_artifact
 from llmctl.lineage import flagged, walk
+from procs import run_tree
 
 REPO = Path(__file__).resolve().parent.parent
 LLMCTL = str(Path(sys.executable).with_name("llmctl"))
@@ -44,8 +45,8 @@ def make_cmd(out: str, *targets: str, flags: tuple[str, ...] = ()) -> list[str]:
 
 
 def make(work: Path, out: str, *targets: str, flags: tuple[str, ...] = ()) -> str:
-    r = subprocess.run(make_cmd(out, *targets, flags=flags), cwd=work, env=ENV,
-                       capture_output=True, text=True)  # fmt: skip
+    r = run_tree(make_cmd(out, *targets, flags=flags), 600, cwd=work, env=ENV,
+                 capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -149,8 +150,8 @@ def test_the_tiny_chain_builds_every_stage(build: Path, monkeypatch: pytest.Monk
 
 
 def test_a_second_make_does_nothing(build: Path) -> None:
-    r = subprocess.run(make_cmd("out", "out/report/manifest.json", flags=("-q",)), cwd=build,
-                       env=ENV)  # fmt: skip
+    r = run_tree(make_cmd("out", "out/report/manifest.json", flags=("-q",)), 600, cwd=build,
+                 env=ENV)  # fmt: skip
     assert r.returncode == 0
     assert planned(build) == set()
     assert "llmctl" not in make(build, "out", "all")

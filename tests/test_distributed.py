@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from llmctl.artifacts import open_artifact, partial_dir
 from llmctl.cli import app
+from procs import run_tree
 
 DATA = Path(__file__).parent / "data" / "tinyshakespeare" / "input.txt"
 BIN = Path(sys.executable).parent
@@ -106,8 +107,7 @@ def torchrun(tmp_path: Path, args: list[str], env: dict[str, str] | None = None,
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", str(driver), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **(env or {})},
-                          timeout=timeout)  # fmt: skip
+    return run_tree(cmd, timeout, capture_output=True, text=True, env={**ENV, **(env or {})})
 
 
 def sha(path: Path) -> str:

@@ -18,6 +18,7 @@ from llmctl.model.gpt import GPT, preset
 from llmctl.model.io import save_checkpoint
 from llmctl.tokenizer import CHAT_TEMPLATE, load_tokenizer
 from llmctl.train import objectives
+from procs import run_tree
 
 TEXT = Path(__file__).parent / "data" / "tinyshakespeare" / "input.txt"
 IDENTITY = Path(__file__).parents[1] / "recipes" / "data" / "sft" / "identity.jsonl"
@@ -250,8 +251,8 @@ def test_two_gloo_processes_match_one_with_double_accumulation(
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     two = tmp_path / "two"
     torchrun = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2"]
-    res = subprocess.run([*torchrun, str(bin_dir / "llmctl"), *args, "--out", str(two)],
-                         capture_output=True, env=env)  # fmt: skip
+    res = run_tree([*torchrun, str(bin_dir / "llmctl"), *args, "--out", str(two)], timeout=300,
+                   capture_output=True, env=env)  # fmt: skip
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     a = [r for r in metrics(one) if "loss" in r]
     b = [r for r in metrics(two) if "loss" in r]

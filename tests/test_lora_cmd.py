@@ -16,6 +16,7 @@ from llmctl.artifacts import open_artifact
 from llmctl.cli import app
 from llmctl.model.adapter import load_adapter
 from llmctl.model.io import load_model
+from procs import run_tree
 
 DATA = Path(__file__).parent / "data" / "tinyshakespeare" / "input.txt"
 RUN = ["--batch-size", "4", "--seq-len", "32", "--device", "cpu", "-q"]
@@ -287,8 +288,8 @@ def test_two_gloo_processes_match_one_with_double_accumulation(
                           "--set", "grad_accum=2"], capture_output=True, env=env)  # fmt: skip
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     torchrun = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2"]
-    res = subprocess.run([*torchrun, str(bin_dir / "llmctl"), *args, "--out", str(two)],
-                         capture_output=True, env=env)  # fmt: skip
+    res = run_tree([*torchrun, str(bin_dir / "llmctl"), *args, "--out", str(two)], timeout=300,
+                   capture_output=True, env=env)  # fmt: skip
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     a, b = records(one), records(two)
     assert [r[0] for r in a] == [r[0] for r in b] == [1, 2, 3, 4]

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from llmctl.artifacts import open_artifact
 from llmctl.cli import app
 from llmctl.model.io import load_config, load_model
+from procs import run_tree
 
 DATA = Path(__file__).parent / "data" / "tinyshakespeare" / "input.txt"
 BIN = Path(sys.executable).parent
@@ -143,11 +144,14 @@ def test_kill_anywhere_and_resume_is_bitwise(tokens: Path, tmp_path: Path) -> No
     metrics = tmp_path / ".term.partial" / "metrics.jsonl"
     cli = [str(BIN / "llmctl"), "pretrain", str(tokens), *TINY, "-q", "--out", str(out)]
     proc = subprocess.Popen([*cli, *opts], stderr=subprocess.PIPE, env=ENV)
+    deadline = time.monotonic() + 120
     while proc.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < 6):
+        assert time.monotonic() < deadline, "no 6 logged steps in 120 s"
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait() == 128 + signal.SIGTERM, proc.stderr.read().decode()
-    assert "SIGTERM at step" in proc.stderr.read().decode()
+    _, err = proc.communicate(timeout=120)  # reads stderr while waiting: a full pipe cannot block
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert "SIGTERM at step" in err.decode()
     assert finish(out)["start_step"] >= 6
 
 
@@ -192,8 +196,8 @@ def test_two_gloo_processes_match_one_with_double_accumulation(
     assert res.returncode == 0, res.stderr.decode()
     two = tmp_path / "two"
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2"]
-    res = subprocess.run([*torchrun, str(BIN / "llmctl"), *args, "--out", str(two)],
-                         capture_output=True, env=ENV)  # fmt: skip
+    res = run_tree([*torchrun, str(BIN / "llmctl"), *args, "--out", str(two)], timeout=300,
+                   capture_output=True, env=ENV)  # fmt: skip
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     a, b = records(one), records(two)
     assert [r[0] for r in a] == [r[0] for r in b] == list(range(1, 7))
