@@ -103,7 +103,10 @@ def test_clean_with_a_worker_killed_exits_1_in_one_line_and_publishes_nothing(
         assert proc.poll() is None and time.monotonic() < deadline, "no worker appeared"
         time.sleep(0.01)
     os.kill(workers[0], signal.SIGKILL)
-    output, _ = proc.communicate(timeout=120)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a no-op once it exited; a hung run must not outlive the test
     assert proc.returncode == 1, output
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors == [

@@ -79,7 +79,7 @@ def _drive(
 ) -> Iterator[Any]:
     source = iter(items)
     idle = list(range(len(procs)))  # workers waiting for a batch
-    busy: dict[int, int] = {}  # worker -> index of the batch it holds
+    busy: set[int] = set()  # workers computing a batch (its index comes back with the result)
     done: dict[int, tuple[bool, Any]] = {}  # index -> (ok, result or exception), not yet yielded
     sent = next_out = 0
     exhausted = False
@@ -94,7 +94,7 @@ def _drive(
                 conns[w].send((sent, item))
             except OSError:  # BrokenPipeError: it died while waiting
                 raise _died(workers) from None
-            busy[w] = sent
+            busy.add(w)
             sent += 1
         while next_out in done:
             ok, value = done.pop(next_out)
@@ -116,7 +116,7 @@ def _drive(
             except (EOFError, OSError):
                 raise _died(workers) from None
             done[index] = (ok, value)
-            del busy[w]
+            busy.discard(w)
             idle.append(w)
 
 
